@@ -1,0 +1,465 @@
+"""The services configuration: one INI file an operator edits to add a model.
+
+INI because the login node has only the standard library (``tomllib`` needs 3.11) and
+operators want comments. Every mistake is reported with the file, the section (service)
+and the field, all at once, so one run of ``check-config`` shows everything to fix.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import datetime as dt
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+
+SERVICE_PREFIX = "service:"
+SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A served model id may look like a Hugging Face name ("org/Model-1.5B"): no spaces,
+# no shell or path tricks, bounded.
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$")
+SLURM_WORD_RE = re.compile(r"^[A-Za-z0-9_.,:=+-]{1,128}$")
+SBATCH_OPTION_RE = re.compile(r"^--[a-z][a-z-]*(=[A-Za-z0-9_.,:=/+@%-]+)?$")
+BUILTIN_TEMPLATES = ("vllm-gpu", "vllm-cpu")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class ConfigError(Exception):
+    """One or more mistakes; ``problems`` lists them as readable lines."""
+
+    def __init__(self, problems: List[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# -- value parsers: each returns the value or raises ValueError with a reason ------------
+
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?$")
+_UNITS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "5m", "2h", "1d" or Slurm's "[D-]HH:MM:SS" / "MM:SS"."""
+    text = text.strip().lower()
+    m = _DURATION_RE.match(text)
+    if m:
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    slurm = re.match(r"^(?:(\d+)-)?(\d{1,2}):(\d{2})(?::(\d{2}))?$", text)
+    if slurm:
+        days, a, b, c = slurm.groups()
+        if c is None:  # MM:SS unless a day part makes it D-HH:MM
+            hours, minutes, seconds = (0, int(a), int(b)) if days is None else (int(a), int(b), 0)
+        else:
+            hours, minutes, seconds = int(a), int(b), int(c)
+        if minutes >= 60 or seconds >= 60:
+            raise ValueError(f"{text!r} has minutes or seconds >= 60")
+        return (int(days or 0) * 86400) + hours * 3600 + minutes * 60 + seconds
+    raise ValueError(f"{text!r} is not a duration (examples: 90s, 5m, 2h, 1d, 02:00:00, 1-00:00:00)")
+
+
+def slurm_time(seconds: float) -> str:
+    """Slurm's --time value, rounded up to whole minutes (Slurm's own granularity)."""
+    minutes = max(1, -(-int(seconds) // 60))
+    days, rem = divmod(minutes, 1440)
+    hours, mins = divmod(rem, 60)
+    return f"{days}-{hours:02d}:{mins:02d}:00" if days else f"{hours:02d}:{mins:02d}:00"
+
+
+def _parse_int(text: str, minimum: int = 0) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not a whole number") from None
+    if value < minimum:
+        raise ValueError(f"{value} is below the minimum of {minimum}")
+    return value
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "yes", "true", "on"):
+        return True
+    if low in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"{text.strip()!r} is not yes/no")
+
+
+@dataclass(frozen=True)
+class CapacityWindow:
+    """During ``days`` between ``start`` and ``end`` (local time), keep min..max instances."""
+
+    days: Tuple[int, ...]  # 0 = Monday
+    start: dt.time
+    end: Optional[dt.time]  # None means midnight (24:00)
+    min_instances: int
+    max_instances: Optional[int]
+    text: str
+
+    def active(self, when: dt.datetime) -> bool:
+        if when.weekday() not in self.days:
+            return False
+        t = when.time()
+        return self.start <= t and (self.end is None or t < self.end)
+
+
+def _parse_days(text: str) -> Tuple[int, ...]:
+    aliases = {"daily": "mon-sun", "weekdays": "mon-fri", "weekends": "sat-sun"}
+    days: List[int] = []
+    for part in aliases.get(text, text).split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            if a not in DAYS or b not in DAYS:
+                raise ValueError(f"unknown day range {part!r} (use mon..sun)")
+            i, j = DAYS.index(a), DAYS.index(b)
+            days += list(range(i, j + 1)) if i <= j else list(range(i, 7)) + list(range(0, j + 1))
+        elif part in DAYS:
+            days.append(DAYS.index(part))
+        else:
+            raise ValueError(f"unknown day {part!r} (use mon..sun, weekdays, weekends, daily)")
+    return tuple(sorted(set(days)))
+
+
+def _parse_clock(text: str) -> Optional[dt.time]:
+    if text == "24:00":
+        return None
+    m = re.match(r"^(\d{1,2}):(\d{2})$", text)
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise ValueError(f"{text!r} is not a time of day HH:MM")
+    return dt.time(int(m.group(1)), int(m.group(2)))
+
+
+def parse_capacity(text: str) -> List[CapacityWindow]:
+    """One window a line: ``mon-fri 08:00-18:00 min=2 [max=4]``."""
+    windows = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) < 3:
+            raise ValueError(f"{line!r}: expected 'DAYS HH:MM-HH:MM min=N [max=N]'")
+        days = _parse_days(parts[0].lower())
+        if "-" not in parts[1]:
+            raise ValueError(f"{line!r}: {parts[1]!r} is not a range HH:MM-HH:MM")
+        start_s, end_s = parts[1].split("-", 1)
+        start, end = _parse_clock(start_s), _parse_clock(end_s)
+        if start is None:
+            raise ValueError(f"{line!r}: a window cannot start at 24:00")
+        if end is not None and end <= start:
+            raise ValueError(f"{line!r}: the end must be after the start (split windows over midnight)")
+        opts: Dict[str, int] = {}
+        for opt in parts[2:]:
+            key, _, value = opt.partition("=")
+            if key not in ("min", "max") or not value:
+                raise ValueError(f"{line!r}: {opt!r} should be min=N or max=N")
+            opts[key] = _parse_int(value)
+        if "min" not in opts:
+            raise ValueError(f"{line!r}: min=N is required")
+        if "max" in opts and opts["max"] < opts["min"]:
+            raise ValueError(f"{line!r}: max is below min")
+        windows.append(CapacityWindow(days, start, end, opts["min"], opts.get("max"), line))
+    return windows
+
+
+# -- the configuration --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    model: str  # the served model id clients ask for
+    template: str  # builtin name or an absolute path to a template file
+    model_path: str
+    gpus: int = 0
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    vllm_args: Tuple[str, ...] = ()
+    cpus: int = 1
+    memory: str = ""
+    partition: str = ""
+    sbatch_args: Tuple[str, ...] = ()
+    env: Tuple[Tuple[str, str], ...] = ()
+    min_instances: int = 0
+    max_instances: int = 1
+    scale_up_inflight: int = 8
+    scale_down_delay: float = 300.0
+    idle_timeout: float = 3600.0
+    walltime: float = 86400.0
+    renewal_margin: float = 1800.0
+    readiness_timeout: float = 900.0
+    unhealthy_grace: float = 30.0
+    drain_timeout: float = 600.0
+    capacity: Tuple[CapacityWindow, ...] = ()
+
+    def bounds_at(self, when: dt.datetime) -> Tuple[int, int]:
+        """(min, max) instances in force at ``when``: the first active window wins."""
+        for window in self.capacity:
+            if window.active(when):
+                high = window.max_instances if window.max_instances is not None else self.max_instances
+                return max(self.min_instances, window.min_instances), max(high, window.min_instances)
+        return self.min_instances, self.max_instances
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``[hpcside]`` section: where state lives and how jobs are launched."""
+
+    state_dir: Path
+    launcher: str = "slurm"  # slurm | local
+    job_prefix: str = "chatai"
+    min_interval: float = 5.0
+    probe_timeout: float = 2.0
+    command_timeout: float = 20.0
+    backoff_base: float = 30.0
+    backoff_max: float = 1800.0
+    bind_host: str = "0.0.0.0"
+    endpoint_host: str = ""  # empty: the node's hostname, as the job sees it
+    python: str = "python3"
+    vllm: str = "vllm"
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    sbatch_args: Tuple[str, ...] = ()
+    timezone: str = ""
+    hold_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    settings: Settings
+    services: Dict[str, ServiceConfig] = field(default_factory=dict)
+
+    def service_for_model(self, model: str) -> Optional[ServiceConfig]:
+        for svc in self.services.values():
+            if svc.model == model:
+                return svc
+        return None
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Reads typed fields from one section, collecting problems instead of stopping."""
+
+    def __init__(self, path: Path, section: configparser.SectionProxy, label: str) -> None:
+        self.path, self.section, self.label = path, section, label
+        self.problems: List[str] = []
+        self.used: set = set()
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.path}: [{self.label}] {key}: {message}")
+
+    def get(self, key: str, parse: Callable[[str], T], default: T) -> T:
+        self.used.add(key)
+        if key not in self.section:
+            return default
+        try:
+            return parse(self.section[key])
+        except ValueError as exc:
+            self.problem(key, str(exc))
+            return default
+
+    def required(self, key: str, parse: Callable[[str], T], default: T) -> T:
+        if key not in self.section or not self.section[key].strip():
+            self.used.add(key)
+            self.problem(key, "is required")
+            return default
+        return self.get(key, parse, default)
+
+    def unknown(self, known_defaults: configparser.SectionProxy) -> None:
+        for key in self.section:
+            if key not in self.used and key not in known_defaults:
+                self.problem(key, "unknown field (misspelt?)")
+
+
+def _pattern(regex: "re.Pattern[str]", what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if not regex.match(value):
+            raise ValueError(f"{value!r} is not a valid {what}")
+        return value
+
+    return parse
+
+
+def _sbatch_args(text: str) -> Tuple[str, ...]:
+    args = tuple(shlex.split(text))
+    for arg in args:
+        if not SBATCH_OPTION_RE.match(arg):
+            raise ValueError(f"{arg!r} is not an sbatch option of the form --name=value")
+    return args
+
+
+def _vllm_args(text: str) -> Tuple[str, ...]:
+    try:
+        args = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ValueError(f"cannot split {text!r}: {exc}") from None
+    for arg in args:
+        if "\n" in arg or "\0" in arg:
+            raise ValueError("arguments may not contain newlines")
+        if arg.split("=", 1)[0] in ("--api-key", "--host", "--port"):
+            raise ValueError(f"{arg!r} is set by hpcside (the token never goes on a command line)")
+    return args
+
+
+def _env(text: str) -> Tuple[Tuple[str, str], ...]:
+    pairs = []
+    for item in shlex.split(text):
+        key, sep, value = item.partition("=")
+        if not sep or not re.match(r"^[A-Z_][A-Z0-9_]*$", key):
+            raise ValueError(f"{item!r} is not NAME=value")
+        if key == "VLLM_API_KEY":
+            raise ValueError("VLLM_API_KEY is set by hpcside from the instance's own token")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def _path(text: str) -> str:
+    value = text.strip()
+    if not value or "\n" in value or "\0" in value:
+        raise ValueError("is not a path")
+    return value
+
+
+def _template(base: Path) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value in BUILTIN_TEMPLATES:
+            return value
+        path = Path(value) if Path(value).is_absolute() else base / value
+        if not path.is_file():
+            raise ValueError(f"{value!r} is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}) nor a file")
+        return str(path)
+
+    return parse
+
+
+def _memory(text: str) -> str:
+    value = text.strip()
+    if value and not re.match(r"^\d+[KMGT]?$", value):
+        raise ValueError(f"{value!r} is not a Slurm memory size such as 64G")
+    return value
+
+
+def _timezone(text: str) -> str:
+    value = text.strip()
+    if value:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+    return value
+
+
+def load(path: Path) -> Config:
+    """Parse and validate; raise ConfigError naming file, service and field of every mistake."""
+    path = Path(path)
+    parser = configparser.ConfigParser(interpolation=None, default_section="__defaults__")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
+        raise ConfigError([f"{path}: {' '.join(str(exc).split())}"]) from None
+
+    problems: List[str] = []
+    if "hpcside" not in parser:
+        raise ConfigError([f"{path}: [hpcside] section is missing (it names state_dir and launcher)"])
+    r = _Reader(path, parser["hpcside"], "hpcside")
+    state_dir = Path(os.path.expanduser(r.required("state_dir", _path, ".")))
+    if not state_dir.is_absolute():
+        state_dir = path.parent / state_dir
+    launcher = r.get("launcher", _pattern(re.compile(r"^(slurm|local)$"), "launcher (slurm or local)"), "slurm")
+    settings = Settings(
+        state_dir=state_dir,
+        launcher=launcher,
+        job_prefix=r.get("job_prefix", _pattern(re.compile(r"^[a-z][a-z0-9-]{0,15}$"), "job prefix"), "chatai"),
+        min_interval=r.get("min_interval", parse_duration, 5.0),
+        probe_timeout=r.get("probe_timeout", parse_duration, 2.0),
+        command_timeout=r.get("command_timeout", parse_duration, 20.0),
+        backoff_base=r.get("backoff_base", parse_duration, 30.0),
+        backoff_max=r.get("backoff_max", parse_duration, 1800.0),
+        bind_host=r.get("bind_host", _pattern(re.compile(r"^[0-9a-fA-F.:]+$"), "IP address"), "0.0.0.0"),
+        endpoint_host=r.get("endpoint_host", _pattern(re.compile(r"^[A-Za-z0-9.:-]*$"), "host name"), ""),
+        python=r.get("python", _path, "python3"),
+        vllm=r.get("vllm", _path, "vllm"),
+        partition=r.get("partition", _pattern(SLURM_WORD_RE, "partition"), ""),
+        account=r.get("account", _pattern(SLURM_WORD_RE, "account"), ""),
+        qos=r.get("qos", _pattern(SLURM_WORD_RE, "qos"), ""),
+        sbatch_args=r.get("sbatch_args", _sbatch_args, ()),
+        timezone=r.get("timezone", _timezone, ""),
+        hold_timeout=r.get("hold_timeout", parse_duration, 600.0),
+    )
+    r.unknown(parser["__defaults__"])
+    problems += r.problems
+
+    services: Dict[str, ServiceConfig] = {}
+    models: Dict[str, str] = {}
+    for section in parser.sections():
+        if section == "hpcside":
+            continue
+        if not section.startswith(SERVICE_PREFIX):
+            problems.append(f"{path}: [{section}]: unknown section (services are [service:NAME])")
+            continue
+        name = section[len(SERVICE_PREFIX):]
+        label = section
+        if not SERVICE_NAME_RE.match(name):
+            problems.append(f"{path}: [{label}]: service name must be letters, digits, '.', '_' or '-'")
+            continue
+        s = _Reader(path, parser[section], label)
+        model = s.get("model", _pattern(MODEL_ID_RE, "model id"), name)
+        svc = ServiceConfig(
+            name=name,
+            model=model,
+            template=s.required("template", _template(path.parent), "vllm-gpu"),
+            model_path=s.required("model_path", _path, ""),
+            gpus=s.get("gpus", _parse_int, 0),
+            tensor_parallel_size=s.get("tensor_parallel_size", lambda t: _parse_int(t, 1), 1),
+            max_model_len=s.get("max_model_len", lambda t: _parse_int(t, 16), 4096),
+            vllm_args=s.get("vllm_args", _vllm_args, ()),
+            cpus=s.get("cpus", lambda t: _parse_int(t, 1), 1),
+            memory=s.get("memory", _memory, ""),
+            partition=s.get("partition", _pattern(SLURM_WORD_RE, "partition"), ""),
+            sbatch_args=s.get("sbatch_args", _sbatch_args, ()),
+            env=s.get("env", _env, ()),
+            min_instances=s.get("min_instances", _parse_int, 0),
+            max_instances=s.get("max_instances", lambda t: _parse_int(t, 1), 1),
+            scale_up_inflight=s.get("scale_up_inflight", lambda t: _parse_int(t, 1), 8),
+            scale_down_delay=s.get("scale_down_delay", parse_duration, 300.0),
+            idle_timeout=s.get("idle_timeout", parse_duration, 3600.0),
+            walltime=s.get("walltime", parse_duration, 86400.0),
+            renewal_margin=s.get("renewal_margin", parse_duration, 1800.0),
+            readiness_timeout=s.get("readiness_timeout", parse_duration, 900.0),
+            unhealthy_grace=s.get("unhealthy_grace", parse_duration, 30.0),
+            drain_timeout=s.get("drain_timeout", parse_duration, 600.0),
+            capacity=tuple(s.get("capacity", parse_capacity, [])),
+        )
+        if svc.min_instances > svc.max_instances:
+            s.problem("min_instances", f"{svc.min_instances} is above max_instances ({svc.max_instances})")
+        if svc.tensor_parallel_size > max(svc.gpus, 1) and svc.gpus:
+            s.problem("tensor_parallel_size", f"{svc.tensor_parallel_size} is more than gpus ({svc.gpus})")
+        if svc.walltime < 120:
+            s.problem("walltime", "must be at least 2 minutes")
+        elif svc.renewal_margin >= svc.walltime:
+            s.problem("renewal_margin", "must be shorter than walltime")
+        if svc.template == "vllm-gpu" and svc.gpus < 1:
+            s.problem("gpus", "the vllm-gpu template needs gpus >= 1 (or use template = vllm-cpu)")
+        if model in models:
+            s.problem("model", f"{model!r} is already served by [service:{models[model]}]")
+        models[model] = name
+        s.unknown(parser["__defaults__"])
+        problems += s.problems
+        services[name] = svc
+    if problems:
+        raise ConfigError(problems)
+    return Config(path=path, settings=settings, services=services)

@@ -1,0 +1,266 @@
+"""Start and stop a REAL Slurm cluster on this machine for the tests.
+
+One slurmctld and one slurmd per node (Debian's build supports several slurmd on one
+host), munge for authentication, a private configuration and state directory, and a
+clean stop: jobs cancelled and drained, then slurmd, then slurmctld. Every failure to
+start raises ``HarnessError`` with the daemon's own log tail, so a broken CI run says why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .accounts import Account, HarnessError, kill_user_processes
+
+REQUIRED = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "munged")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_munge() -> None:
+    """munged must be running; start it (as user munge) if it is not."""
+    if subprocess.run(["munge", "-n"], capture_output=True, check=False).returncode == 0 and (
+        subprocess.run("munge -n | unmunge", shell=True, capture_output=True, check=False).returncode == 0
+    ):
+        return
+    Path("/run/munge").mkdir(parents=True, exist_ok=True)
+    shutil.chown("/run/munge", "munge", "munge")
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True)
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+    proc = subprocess.run(
+        ["runuser", "-u", "munge", "--", "munged"], capture_output=True, text=True, check=False
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True, check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise HarnessError(f"munged did not start: {proc.stderr.strip()}")
+
+
+@dataclass
+class SlurmCluster:
+    """A running cluster; use as a context manager or call ``stop()``."""
+
+    nodes: list[str]
+    account: Account
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chatai-slurm-")))
+    slurmd_timeout: int = 5
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "etc" / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for Slurm client commands against this cluster."""
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    # -- start -----------------------------------------------------------------
+
+    def start(self) -> SlurmCluster:
+        missing = [c for c in REQUIRED if shutil.which(c) is None]
+        if missing:
+            raise HarnessError(
+                f"Slurm is not installed (missing {', '.join(missing)}): "
+                "apt-get install -y --no-install-recommends slurm-wlm munge"
+            )
+        ensure_munge()
+        self.root.chmod(0o755)
+        for sub in ("etc", "state", "log", "spool"):
+            (self.root / sub).mkdir(exist_ok=True)
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir(exist_ok=True)
+        self.conf.write_text(self._render_conf())
+        # slurmd reads cgroup.conf beside slurm.conf; linuxproc tracking does not need it,
+        # but an empty one keeps slurmd from logging a missing-file error.
+        (self.root / "etc" / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
+        self.conf.chmod(0o644)
+        self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-i", "-f", str(self.conf)])
+        self._wait(lambda: self._ctl_ping(), "slurmctld", 15)
+        for node in self.nodes:
+            self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
+        self._wait(self._all_nodes_idle, "slurmd", 20)
+        return self
+
+    def _render_conf(self) -> str:
+        ctl_port = free_port()
+        host = socket.gethostname().split(".")[0]
+        lines = [
+            f"ClusterName=chatai{os.getpid() % 10000}",
+            f"SlurmctldHost={host}",
+            f"SlurmctldPort={ctl_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            f"StateSaveLocation={self.root}/state",
+            f"SlurmdSpoolDir={self.root}/spool/%n",
+            f"SlurmctldPidFile={self.root}/slurmctld.pid",
+            f"SlurmdPidFile={self.root}/slurmd-%n.pid",
+            f"SlurmctldLogFile={self.root}/log/slurmctld.log",
+            f"SlurmdLogFile={self.root}/log/slurmd-%n.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            f"JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={self.root}/log/jobcomp.txt",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "MpiDefault=none",
+            "MailProg=/bin/true",
+            "ReturnToService=2",
+            f"SlurmdTimeout={self.slurmd_timeout}",
+            "SlurmctldTimeout=10",
+            "MessageTimeout=5",
+            "KillWait=2",
+            "MinJobAge=30",
+            "InactiveLimit=0",
+            "SchedulerParameters=sched_min_interval=0,batch_sched_delay=0,sched_interval=1",
+        ]
+        for node in self.nodes:
+            lines.append(
+                f"NodeName={node} NodeHostname=localhost NodeAddr=127.0.0.1 Port={free_port()} "
+                "CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 "
+                "RealMemory=2000 State=UNKNOWN"
+            )
+        lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+        return "\n".join(lines) + "\n"
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.root / "log" / f"{name}.stderr", "wb")  # noqa: SIM115 - lives with the daemon
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+
+    def _wait(self, ready: object, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if callable(ready) and ready():
+                return
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise HarnessError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            time.sleep(0.1)
+        raise HarnessError(f"{what} not ready after {timeout}s:\n" + "\n".join(
+            self.log_tail(n) for n in self.procs))
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        out = []
+        for path in (self.root / "log" / f"{name}.stderr", self.root / "log" / f"{name}.log"):
+            if path.exists():
+                out += path.read_text(errors="replace").splitlines()[-lines:]
+        return f"--- {name} ---\n" + "\n".join(out)
+
+    def _ctl_ping(self) -> bool:
+        proc = self.scontrol("ping")
+        return proc.returncode == 0 and "UP" in proc.stdout
+
+    def _all_nodes_idle(self) -> bool:
+        states = self.node_states()
+        return len(states) == len(self.nodes) and all(s.startswith("idle") for s in states.values())
+
+    # -- queries used by the tests ---------------------------------------------
+
+    def scontrol(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["scontrol", *args], capture_output=True, text=True, env=self.env, check=False, timeout=20
+        )
+
+    def node_states(self) -> dict[str, str]:
+        proc = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=self.env,
+            check=False, timeout=20,
+        )
+        states = {}
+        for line in proc.stdout.splitlines():
+            name, state = line.split()
+            states[name] = state
+        return states
+
+    def jobs(self) -> list[dict[str, str]]:
+        """Pending and running jobs of the functional account: id, name, state, node."""
+        proc = subprocess.run(
+            ["squeue", "-h", "-u", self.account.name, "-o", "%i|%j|%T|%N"],
+            capture_output=True, text=True, env=self.env, check=False, timeout=20,
+        )
+        rows = []
+        for line in proc.stdout.splitlines():
+            jid, name, state, node = line.split("|")
+            rows.append({"id": jid, "name": name, "state": state, "node": node})
+        return rows
+
+    def kill_node(self, node: str) -> None:
+        """Simulate a node failure: its slurmd dies and so does everything it was running."""
+        proc = self.procs[f"slurmd-{node}"]
+        job_ids = [j["id"] for j in self.jobs() if j["node"] == node]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for jid in job_ids:
+            # slurmstepd of the job and the job's processes (the machine "lost power").
+            subprocess.run(["pkill", "-KILL", "-f", f"slurmstepd: \\[{jid}\\."], check=False)
+            pids = subprocess.run(
+                ["pgrep", "-u", self.account.name, "-f", "."], capture_output=True, text=True, check=False
+            ).stdout.split()
+            for pid in pids:
+                try:
+                    env = Path(f"/proc/{pid}/environ").read_bytes()
+                except OSError:
+                    continue
+                if f"SLURM_JOB_ID={jid}\0".encode() in env:
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    def stop_controller(self) -> None:
+        """Make Slurm itself unresponsive (slurmctld killed)."""
+        proc = self.procs.pop("slurmctld")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    # -- stop --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if "slurmctld" in self.procs:
+            subprocess.run(["scancel", "-u", self.account.name], env=self.env, capture_output=True,
+                           check=False, timeout=20)
+            deadline = time.monotonic() + 15
+            while self.jobs() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        for name in sorted(self.procs, key=lambda n: n == "slurmctld"):  # slurmd first
+            proc = self.procs[name]
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        self.procs.clear()
+        # slurmstepd of jobs on killed nodes, and anything the account left running.
+        subprocess.run(["pkill", "-KILL", "-f", f"slurmstepd.*{self.root}"], check=False)
+        kill_user_processes(self.account)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> SlurmCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

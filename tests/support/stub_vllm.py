@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""A stand-in for vLLM's OpenAI server, standard library only, run inside test jobs.
+
+It checks the instance token (env VLLM_API_KEY) like vLLM's --api-key, answers /health,
+/v1/models and /v1/chat/completions (plain and SSE streaming), and never logs a body.
+STUB_MODE selects a failure: ok (default), never-ready (/health 503), crash (exit at
+once), slow:SECONDS (listen only after a delay, like a model loading).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "stub-vllm"
+
+    def log_message(self, *args):  # no access log: paths only, but keep job output empty
+        pass
+
+    def _json(self, status, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _authorized(self):
+        if self.headers.get("Authorization") == "Bearer " + os.environ.get("VLLM_API_KEY", ""):
+            return True
+        self._json(401, {"error": "Unauthorized"})
+        return False
+
+    def do_GET(self):
+        if self.path == "/health":
+            mode = os.environ.get("STUB_MODE", "ok")
+            self.send_response(503 if mode == "never-ready" else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/v1/models":
+            if self._authorized():
+                self._json(200, {"object": "list", "data": [
+                    {"id": self.server.model, "object": "model", "owned_by": "vllm", "max_model_len": 2048}]})
+        else:
+            self._json(404, {"error": "not found"})
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if not self._authorized():
+            return
+        if self.path not in ("/v1/chat/completions", "/v1/completions"):
+            self._json(404, {"error": "not found"})
+            return
+        try:
+            req = json.loads(raw)
+        except ValueError:
+            self._json(400, {"error": {"message": "bad json", "type": "BadRequestError", "code": 400}})
+            return
+        words = ["The", " capital", " of", " France", " is", " Paris", "."]
+        delay = float(req.get("stub_delay", 0))
+        created = int(time.time())
+        if not req.get("stream"):
+            time.sleep(delay * len(words))
+            self._json(200, {"id": "chatcmpl-stub", "object": "chat.completion", "created": created,
+                             "model": req.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "".join(words)}}],
+                             "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def chunk(obj):
+            data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n").encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        try:
+            for word in words:
+                chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created,
+                       "model": req.get("model"), "choices": [{"index": 0, "delta": {"content": word},
+                                                               "finish_reason": None}]})
+                time.sleep(delay)
+            if (req.get("stream_options") or {}).get("include_usage"):
+                chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created,
+                       "model": req.get("model"), "choices": [],
+                       "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}})
+            chunk("[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.cancelled += 1
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", required=True)
+    args = parser.parse_args()
+    mode = os.environ.get("STUB_MODE", "ok")
+    if mode == "crash":
+        print("stub: crashing on purpose", file=sys.stderr)
+        sys.exit(1)
+    if mode.startswith("slow:"):
+        time.sleep(float(mode.split(":", 1)[1]))
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    server.model = args.model
+    server.cancelled = 0
+    print(f"stub: serving {args.model} on port {args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

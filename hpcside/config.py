@@ -8,8 +8,8 @@ and the field, all at once, so one run of ``check-config`` shows everything to f
 from __future__ import annotations
 
 import configparser
-import os
 import datetime as dt
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -277,7 +277,7 @@ class _Reader:
                 self.problem(key, "unknown field (misspelt?)")
 
 
-def _pattern(regex: "re.Pattern[str]", what: str) -> Callable[[str], str]:
+def _pattern(regex: re.Pattern[str], what: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
         if not regex.match(value):

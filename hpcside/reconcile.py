@@ -19,15 +19,20 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .config import Config
 from .decide import Observation, Plan, Probe, backoff_delay, decide, job_name, routing_table
 from .launchers import Launcher, LauncherError, make_launcher
 from .state import (
-    SchedulerState, ensure_dirs, load_scheduler_state, read_endpoint, read_inflight, read_json,
-    write_atomic, write_json,
+    SchedulerState,
+    ensure_dirs,
+    load_scheduler_state,
+    read_endpoint,
+    read_inflight,
+    read_json,
+    write_atomic,
+    write_json,
 )
 from .templates import JobFiles, TemplateError, render
 
@@ -122,17 +127,16 @@ class Scheduler:
         running = {j.name for j in obs.jobs or [] if j.state == "RUNNING"}
         targets: Dict[str, Dict] = {}
         for inst in state.instances.values():
-            if inst.phase in ("pending", "cancelling"):
-                # A pending job may have started since squeue answered: look for its endpoint.
-                if not (inst.phase == "pending" and job_name(self.settings.job_prefix, inst.iid) in running):
-                    continue
+            is_running = job_name(self.settings.job_prefix, inst.iid) in running
+            # Only running jobs are probed; a job pending at the last reconcile may run now.
+            if inst.phase == "cancelling" or (inst.phase == "pending" and not is_running):
+                continue
             endpoint = read_endpoint(self.dir, inst.iid)
             if endpoint is None:
                 continue
             obs.endpoints[inst.iid] = endpoint
-            if obs.jobs is not None and job_name(self.settings.job_prefix, inst.iid) not in running:
-                continue
-            targets[inst.iid] = endpoint
+            if obs.jobs is None or is_running:  # Slurm silent: still check the ready ones
+                targets[inst.iid] = endpoint
         obs.probes = self.probe_all(targets)
         obs.load = read_inflight(self.dir, now)
         return obs

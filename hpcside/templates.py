@@ -76,7 +76,7 @@ def sbatch_header(svc: ServiceConfig, settings: Settings) -> str:
 
 
 def fill(text: str, values: Dict[str, str]) -> str:
-    def replace(match: "re.Match[str]") -> str:
+    def replace(match: re.Match[str]) -> str:
         key = match.group(1)
         if key not in values:
             raise TemplateError(f"unknown placeholder {{{{ {key} }}}} (known: {', '.join(sorted(values))})")

@@ -29,11 +29,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def munge_works() -> bool:
+    cred = subprocess.run(["munge", "-n"], capture_output=True, check=False)
+    if cred.returncode != 0:
+        return False
+    return subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, check=False).returncode == 0
+
+
 def ensure_munge() -> None:
     """munged must be running; start it (as user munge) if it is not."""
-    if subprocess.run(["munge", "-n"], capture_output=True, check=False).returncode == 0 and (
-        subprocess.run("munge -n | unmunge", shell=True, capture_output=True, check=False).returncode == 0
-    ):
+    if munge_works():
         return
     Path("/run/munge").mkdir(parents=True, exist_ok=True)
     shutil.chown("/run/munge", "munge", "munge")
@@ -47,7 +52,7 @@ def ensure_munge() -> None:
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True, check=False).returncode == 0:
+        if munge_works():
             return
         time.sleep(0.1)
     raise HarnessError(f"munged did not start: {proc.stderr.strip()}")
@@ -119,7 +124,7 @@ class SlurmCluster:
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
-            f"JobCompType=jobcomp/filetxt",
+            "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.root}/log/jobcomp.txt",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",

@@ -49,6 +49,9 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._json(404, {"error": "not found"})
 
+    def _usage(self, n):
+        return {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
+
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
@@ -70,7 +73,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, {"id": "chatcmpl-stub", "object": "chat.completion", "created": created,
                              "model": req.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": "".join(words)}}],
-                             "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}})
+                             "usage": self._usage(len(words))})
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -91,7 +94,7 @@ class Handler(BaseHTTPRequestHandler):
             if (req.get("stream_options") or {}).get("include_usage"):
                 chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created,
                        "model": req.get("model"), "choices": [],
-                       "usage": {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}})
+                       "usage": self._usage(len(words))})
             chunk("[DONE]")
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):

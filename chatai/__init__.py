@@ -1,0 +1,1 @@
+"""The Django project: settings, URLs, ASGI entry, login and the chat pages."""

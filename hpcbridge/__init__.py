@@ -1,0 +1,1 @@
+"""The persistent SSH link to each HPC platform (and the local transport)."""

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class HpcbridgeConfig(AppConfig):
+    name = "hpcbridge"
+    verbose_name = "HPC bridge"

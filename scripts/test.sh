@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command. On a fresh Debian machine it installs what the tests need (Debian
+# packages for Slurm and munge, a Python venv with pinned packages) and runs the whole
+# suite against real components it starts itself. Needs root (creates the functional
+# account, runs slurmctld/slurmd). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+step "system packages"
+apt_need slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-client munged:munge
+[ -x /usr/bin/python3 ] || apt_install python3
+
+step "python environment"
+venv_ready requirements-dev.txt
+
+step "lint (ruff) and types (mypy on hpcside)"
+.venv/bin/ruff check .
+.venv/bin/mypy --no-error-summary
+
+step "tests"
+exec .venv/bin/python -m pytest "$@"

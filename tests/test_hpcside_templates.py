@@ -1,0 +1,113 @@
+"""Rendered job scripts, checked against golden files.
+
+If a change to a template is intended, delete the golden file (or run with
+UPDATE_GOLDEN=1) and review the new one in the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcside.config import load
+from hpcside.templates import JobFiles, TemplateError, fill, render
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+CONFIG = """
+[hpcside]
+state_dir = /home/chatai/state
+partition = gpu
+account = proj42
+qos = service
+vllm = /opt/vllm/bin/vllm
+python = /opt/vllm/bin/python3
+sbatch_args = --constraint=a100
+
+[service:llama]
+model = meta-llama/Llama-3.1-8B-Instruct
+template = vllm-gpu
+model_path = /models/Llama 3.1 (8B)
+gpus = 2
+tensor_parallel_size = 2
+max_model_len = 16384
+vllm_args = --enable-prefix-caching --chat-template '/x/my template.jinja'
+cpus = 8
+memory = 64G
+walltime = 1-00:00:00
+env = HF_HOME=/scratch/hf NCCL_DEBUG=WARN
+
+[service:smol]
+model = smollm2-135m
+template = vllm-cpu
+model_path = /var/models/smollm2
+max_model_len = 2048
+cpus = 2
+walltime = 2h
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "services.ini"
+    path.write_text(CONFIG)
+    return load(path)
+
+
+@pytest.mark.parametrize("service,golden", [("llama", "vllm-gpu.sbatch"), ("smol", "vllm-cpu.sbatch")])
+def test_rendered_script_matches_the_golden_file(config, service: str, golden: str) -> None:  # type: ignore[no-untyped-def]
+    script = render(config.services[service], config.settings, JobFiles(config.settings.state_dir, "a1b2c3d4e5f6"))
+    path = GOLDEN / golden
+    if os.environ.get("UPDATE_GOLDEN") or not path.exists():
+        path.write_text(script)
+    assert script == path.read_text()
+
+
+def test_rendered_scripts_are_valid_bash(config) -> None:  # type: ignore[no-untyped-def]
+    for svc in config.services.values():
+        script = render(svc, config.settings, JobFiles(config.settings.state_dir, "a1b2c3d4e5f6"))
+        proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_the_token_never_appears_on_the_command_line(config) -> None:  # type: ignore[no-untyped-def]
+    script = render(config.services["llama"], config.settings, JobFiles(config.settings.state_dir, "a1b2c3d4e5f6"))
+    exec_line = script[script.index("exec "):]
+    assert "api-key" not in exec_line and "VLLM_API_KEY" not in exec_line
+    assert 'VLLM_API_KEY="$(cat /home/chatai/state/secrets/a1b2c3d4e5f6.token)"' in script
+
+
+def test_hostile_values_stay_inert_when_the_script_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "services.ini"
+    path.write_text(f"""
+[hpcside]
+state_dir = {tmp_path}/state
+python = python3
+vllm = echo
+
+[service:x]
+template = vllm-gpu
+gpus = 1
+model_path = $(touch {marker})`touch {marker}`;touch {marker}
+vllm_args = '; touch {marker}' "$(touch {marker})"
+""")
+    config = load(path)
+    files = JobFiles(tmp_path / "state", "a1b2c3d4e5f6")
+    for sub in ("secrets", "endpoints"):
+        (tmp_path / "state" / sub).mkdir(parents=True, exist_ok=True)
+    files.token.write_text("tok\n")
+    script = render(config.services["x"], config.settings, files)
+    # vllm = echo: the "server" prints its argv, which must hold the values literally.
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    assert f"$(touch {marker})`touch {marker}`;touch {marker}" in proc.stdout
+    assert (tmp_path / "state" / "endpoints" / "a1b2c3d4e5f6.json").exists()
+
+
+def test_an_unknown_placeholder_is_an_error() -> None:
+    with pytest.raises(TemplateError, match="unknown placeholder"):
+        fill("{{ nope }}", {"model": "x"})

@@ -141,13 +141,13 @@ class Hpcside:
         return [i for i in self.status()["instances"] if i["service"] == service and i["phase"] == "ready"]
 
     def cleanup(self) -> None:
-        if self.cluster:
+        if self.cluster and "slurmctld" in self.cluster.procs:
             subprocess.run(["scancel", "-u", self.account.name], env=self.cluster.env,
                            capture_output=True, check=False)
             deadline = time.monotonic() + 15
             while self.cluster.jobs() and time.monotonic() < deadline:
                 time.sleep(0.2)
-        else:
+        elif not self.cluster:
             subprocess.run(["pkill", "-u", self.account.name, "-f", "stub_vllm.py"], check=False)
         shutil.rmtree(self.home, ignore_errors=True)
 

@@ -12,7 +12,14 @@ import pytest
 
 from hpcside.launchers import SubmissionError, parse_sbatch, parse_squeue, parse_time_left
 from hpcside.state import (
-    Load, ModelLoad, SchedulerState, ensure_dirs, publish_inflight, read_endpoint, read_inflight, write_json,
+    Load,
+    ModelLoad,
+    SchedulerState,
+    ensure_dirs,
+    publish_inflight,
+    read_endpoint,
+    read_inflight,
+    write_json,
 )
 
 

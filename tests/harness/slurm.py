@@ -220,19 +220,25 @@ class SlurmCluster:
         for jid in job_ids:
             # slurmstepd of the job and the job's processes (the machine "lost power").
             subprocess.run(["pkill", "-KILL", "-f", f"slurmstepd: \\[{jid}\\."], check=False)
-            pids = subprocess.run(
-                ["pgrep", "-u", self.account.name, "-f", "."], capture_output=True, text=True, check=False
-            ).stdout.split()
-            for pid in pids:
+            self.kill_job_processes(jid)
+
+    def kill_job_processes(self, job_id: str) -> int:
+        """SIGKILL the processes a job runs (its server crashed); returns how many."""
+        killed = 0
+        pids = subprocess.run(["pgrep", "-u", self.account.name], capture_output=True, text=True,
+                              check=False).stdout.split()
+        for pid in pids:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if f"SLURM_JOB_ID={job_id}\0".encode() in environ:
                 try:
-                    env = Path(f"/proc/{pid}/environ").read_bytes()
-                except OSError:
-                    continue
-                if f"SLURM_JOB_ID={jid}\0".encode() in env:
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+        return killed
 
     def stop_controller(self) -> None:
         """Make Slurm itself unresponsive (slurmctld killed)."""

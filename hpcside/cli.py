@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--force", action="store_true", help="ignore min_interval")
     sched.add_argument("--loop", type=float, metavar="SECONDS",
                        help="keep reconciling every SECONDS until SIGTERM or Ctrl-C")
+    sub.add_parser("forcecommand", help="the SSH ForceCommand entry (reads SSH_ORIGINAL_COMMAND)",
+                   description="Run the verb in SSH_ORIGINAL_COMMAND: serve, ping, status or version. "
+                               "Anything else is refused. Put this in authorized_keys with "
+                               "`authorized-key`.")
+    key = sub.add_parser("authorized-key", help="print the restricted authorized_keys line for a key",
+                         description="Print the authorized_keys line that locks the web server's public key "
+                                     "to the ForceCommand (no shell, no forwarding, no pty).")
+    key.add_argument("--pubkey", required=True, metavar="FILE", help="the web server's public key file")
+    key.add_argument("--python", default="/usr/bin/python3", help="python on the login node")
+    key.add_argument("--root", help="directory that holds the hpcside package (default: its parent)")
     stat = sub.add_parser("status", help="services and instances as a table",
                           description="What the last reconcile saw and decided.")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
@@ -82,9 +92,15 @@ def main(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = No
     except SystemExit as exc:  # argparse printed usage or help
         return int(exc.code or 0)
     path = config_path(args.config, env)
+    if args.command == "authorized-key":
+        return cmd_authorized_key(args, path, stdout, stderr)
     try:
         config = load(path)
     except ConfigError as exc:
+        if args.command == "forcecommand":  # the client sees one line; the operator runs check-config
+            print(f"hpcside: the services configuration has {len(exc.problems)} problem(s); "
+                  "run check-config on the login node", file=stderr)
+            return 2
         print(f"{len(exc.problems)} problem(s) in the services configuration:", file=stderr)
         for line in exc.problems:
             print(f"  {line}", file=stderr)
@@ -93,7 +109,26 @@ def main(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = No
         return cmd_check_config(config, stdout)
     if args.command == "status":
         return cmd_status(config, args.json, stdout)
+    if args.command == "forcecommand":
+        from .forcecommand import run
+
+        setup_logging(config.settings.state_dir, stderr, verbose=False)
+        return run(config, env, stdout, stderr)
     return cmd_schedule(config, args.force, args.loop, stdout, stderr)
+
+
+def cmd_authorized_key(args: argparse.Namespace, config: Path, stdout: TextIO, stderr: TextIO) -> int:
+    from .forcecommand import authorized_key_line
+
+    root = args.root or str(Path(__file__).resolve().parent.parent)
+    try:
+        pubkey = Path(args.pubkey).read_text(encoding="utf-8")
+        line = authorized_key_line(pubkey, args.python, root, str(config.resolve()))
+    except (OSError, ValueError) as exc:
+        print(f"hpcside: {args.pubkey}: {getattr(exc, 'strerror', None) or exc}", file=stderr)
+        return 1
+    print(line, file=stdout)
+    return 0
 
 
 def cmd_check_config(config: Config, stdout: TextIO) -> int:

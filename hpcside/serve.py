@@ -1,0 +1,467 @@
+"""The session server (``forcecommand`` verb ``serve``) and the router inside it.
+
+One process per SSH channel: frames in on stdin, frames out on stdout (docs/protocol.md).
+Many requests share the channel, each in its own asyncio task. The router forwards only
+allow-listed paths and headers to the instance with the fewest requests in flight, adds
+the instance's own token, retries another instance when a connection could not be made,
+and holds a request while its model starts (asking the scheduler at once, sending
+progress frames). Request and response bodies pass through memory only: nothing here
+writes them to a file or a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from . import __version__
+from . import protocol as p
+from .config import Config, ServiceConfig
+from .state import Load, ModelLoad, inflight_path, load_scheduler_state, publish_inflight, read_json
+from .upstream import ConnectFailed, Pool, UpstreamFailed
+
+log = logging.getLogger("hpcside.serve")
+
+ALLOWED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health"})
+ALLOWED_METHODS = {"/v1/models": "GET", "/health": "GET"}  # the others are POST
+REQUEST_HEADERS = frozenset({"content-type", "accept", "x-request-id"})
+RESPONSE_HEADERS = frozenset({"content-type", "x-request-id", "retry-after"})
+HEADER_VALUE_RE = re.compile(r"^[\x20-\x7e]{0,512}$")
+MAX_STREAMS = 1024
+MAX_RETRIES = 3
+HOLD_POLL = 0.5
+PUBLISH_EVERY = 1.0
+
+
+class StreamError(Exception):
+    def __init__(self, status: int, code: str, message: str, retry_after: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+    def payload(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"status": self.status, "code": self.code, "message": self.message}
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
+
+
+@dataclass
+class Instance:
+    iid: str
+    host: str
+    port: int
+    token: str
+
+
+class Router:
+    """Picks instances from routing.json (re-read when it changes) and counts load."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.path = config.settings.state_dir / "routing.json"
+        self._stamp: Tuple[int, int] = (0, 0)
+        self._table: Dict[str, List[Instance]] = {}
+        self.slurm_ok = True
+        self.inflight: Dict[str, int] = {}  # per instance
+        self.models: Dict[str, ModelLoad] = {}
+        self.dirty = False
+
+    def table(self) -> Dict[str, List[Instance]]:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_ino)
+        except OSError:
+            return self._table
+        if stamp != self._stamp:
+            data = read_json(self.path)
+            if isinstance(data, dict):
+                self._stamp = stamp
+                self.slurm_ok = bool(data.get("slurm_ok", True))
+                table: Dict[str, List[Instance]] = {}
+                for model, entries in (data.get("models") or {}).items():
+                    for e in entries:
+                        try:
+                            host, port = e["url"][len("http://"):].rsplit(":", 1)
+                            table.setdefault(model, []).append(
+                                Instance(e["id"], host.strip("[]"), int(port), e["token"]))
+                        except (KeyError, ValueError, TypeError):
+                            continue
+                self._table = table
+        return self._table
+
+    def pick(self, model: str, exclude: Set[str]) -> Optional[Instance]:
+        candidates = [i for i in self.table().get(model, []) if i.iid not in exclude]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda i: self.inflight.get(i.iid, 0))
+
+    def load(self, model: str) -> ModelLoad:
+        return self.models.setdefault(model, ModelLoad())
+
+    def begin(self, model: str, iid: str) -> None:
+        self.inflight[iid] = self.inflight.get(iid, 0) + 1
+        m = self.load(model)
+        m.inflight += 1
+        m.last_request_at = time.time()
+        self.dirty = True
+
+    def end(self, model: str, iid: str) -> None:
+        self.inflight[iid] = max(0, self.inflight.get(iid, 0) - 1)
+        if not self.inflight[iid]:
+            del self.inflight[iid]
+        m = self.load(model)
+        m.inflight = max(0, m.inflight - 1)
+        m.last_request_at = time.time()
+        self.dirty = True
+
+    def snapshot(self) -> Load:
+        return Load(models={k: ModelLoad(v.inflight, v.waiting, v.last_request_at) for k, v in self.models.items()},
+                    instances=dict(self.inflight))
+
+
+class Session:
+    def __init__(self, config: Config, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.config = config
+        self.reader, self.writer = reader, writer
+        self.router = Router(config)
+        self.pool = Pool(connect_timeout=max(config.settings.probe_timeout, 1.0))
+        self.tasks: Dict[int, asyncio.Future[None]] = {}
+        self.bodies: Dict[int, Tuple[Dict[str, Any], bytearray]] = {}
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile")
+        self.reconciling: Optional[asyncio.Future] = None
+        self.scheduler: Any = None
+        self.closed = False
+
+    # -- output ------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.writer.write(data)
+
+    def send_json(self, type_: int, stream: int, obj: Dict[str, Any]) -> None:
+        self.send(p.encode_json(type_, stream, obj))
+
+    # -- the session loop ------------------------------------------------------------
+
+    async def run(self) -> int:
+        decoder = p.Decoder()
+        publisher = asyncio.ensure_future(self.publish_loop())
+        try:
+            first = await asyncio.wait_for(self._read_frames(decoder, first=True), 10)
+            if first is None:
+                return 0
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    return 0
+                for frame in decoder.feed(data):
+                    self.handle(frame)
+                await self.writer.drain()
+        except p.ProtocolError as exc:
+            self.send_json(p.ERROR, 0, {"status": 400, "code": "protocol_error", "message": str(exc)})
+            return 1
+        except asyncio.TimeoutError:
+            self.send_json(p.ERROR, 0, {"status": 408, "code": "protocol_error", "message": "no HELLO within 10s"})
+            return 1
+        except (ConnectionError, BrokenPipeError):
+            return 0
+        finally:
+            publisher.cancel()
+            for task in list(self.tasks.values()):
+                task.cancel()
+            if self.tasks:
+                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            try:
+                await self.writer.drain()
+            except (ConnectionError, BrokenPipeError):
+                pass
+            self.closed = True
+            self.pool.close()
+            self.executor.shutdown(wait=False)
+            try:
+                inflight_path(self.config.settings.state_dir).unlink()
+            except OSError:
+                pass
+
+    async def _read_frames(self, decoder: p.Decoder, first: bool) -> Optional[bool]:
+        """Read until the HELLO frame; handle anything that came with it."""
+        while True:
+            data = await self.reader.read(65536)
+            if not data:
+                return None
+            frames = decoder.feed(data)
+            if not frames:
+                continue
+            hello = frames[0]
+            if hello.type != p.HELLO or hello.stream != 0:
+                raise p.ProtocolError("the session must start with HELLO")
+            p.check_hello(hello.json(), server_side=True)
+            self.send(p.hello_server(f"hpcside {__version__}"))
+            for frame in frames[1:]:
+                self.handle(frame)
+            await self.writer.drain()
+            return True
+
+    def handle(self, frame: p.Frame) -> None:
+        sid = frame.stream
+        if frame.type == p.PING:
+            self.on_ping(frame)
+        elif frame.type == p.REQUEST:
+            if sid == 0 or sid in self.bodies or sid in self.tasks:
+                raise p.ProtocolError(f"stream {sid} is 0 or already in use")
+            if len(self.tasks) + len(self.bodies) >= MAX_STREAMS:
+                self.send_json(p.ERROR, sid, StreamError(429, "too_many_streams",
+                                                         f"more than {MAX_STREAMS} streams on one session").payload())
+                return
+            self.bodies[sid] = (frame.json(), bytearray())
+        elif frame.type == p.DATA:
+            pending = self.bodies.get(sid)
+            if pending is None:
+                return  # data for a stream that was refused or cancelled
+            pending[1].extend(frame.payload)
+            if len(pending[1]) > p.MAX_REQUEST_BODY:
+                del self.bodies[sid]
+                self.send_json(p.ERROR, sid, StreamError(413, "payload_too_large", "request body too large").payload())
+        elif frame.type == p.END:
+            pending = self.bodies.pop(sid, None)
+            if pending is not None:
+                self.tasks[sid] = asyncio.ensure_future(self.serve_stream(sid, pending[0], bytes(pending[1])))
+                self.tasks[sid].add_done_callback(partial(self._finished, sid))
+        elif frame.type == p.CANCEL:
+            self.bodies.pop(sid, None)
+            running = self.tasks.get(sid)
+            if running is not None:
+                running.cancel()
+        else:
+            raise p.ProtocolError(f"unexpected {p.NAMES[frame.type]} frame from the client")
+
+    def _finished(self, sid: int, _task: asyncio.Future[None]) -> None:
+        self.tasks.pop(sid, None)
+
+    # -- ping and the scheduler --------------------------------------------------------
+
+    def on_ping(self, frame: p.Frame) -> None:
+        obj = frame.json()
+        self.trigger_reconcile(force=False)
+        table = self.router.table()
+        self.send_json(p.PONG, 0, {"t": obj.get("t"), "slurm_ok": self.router.slurm_ok,
+                                   "ready": {m: len(v) for m, v in table.items()}})
+
+    def trigger_reconcile(self, force: bool) -> None:
+        if self.reconciling is not None and not self.reconciling.done():
+            return
+        loop = asyncio.get_event_loop()
+        self.reconciling = loop.run_in_executor(self.executor, self._reconcile, force)
+
+    def _reconcile(self, force: bool) -> None:
+        try:
+            if self.scheduler is None:
+                from .reconcile import Scheduler
+
+                self.scheduler = Scheduler(self.config)
+            publish_inflight(self.config.settings.state_dir, self.router.snapshot())
+            self.scheduler.reconcile(force=force)
+        except Exception as exc:  # the session must survive a failing reconcile
+            log.warning("reconcile failed: %s", type(exc).__name__)
+
+    async def publish_loop(self) -> None:
+        state_dir = self.config.settings.state_dir
+        while True:
+            await asyncio.sleep(PUBLISH_EVERY)
+            if self.router.dirty or self.router.models:
+                self.router.dirty = False
+                try:
+                    publish_inflight(state_dir, self.router.snapshot())
+                except OSError:
+                    pass
+
+    # -- one request -------------------------------------------------------------------
+
+    async def serve_stream(self, sid: int, head: Dict[str, Any], body: bytes) -> None:
+        try:
+            await self.route(sid, head, body)
+        except StreamError as exc:
+            self.send_json(p.ERROR, sid, exc.payload())
+        except asyncio.CancelledError:
+            pass  # the client cancelled: the upstream connection was closed on the way out
+        except Exception as exc:  # never a traceback on the channel, never content in the log
+            log.warning("stream failed: %s", type(exc).__name__)
+            self.send_json(p.ERROR, sid, {"status": 500, "code": "internal_error",
+                                          "message": f"hpcside error: {type(exc).__name__}"})
+
+    def validate(self, head: Dict[str, Any]) -> Tuple[str, str, str, Dict[str, str]]:
+        method, path, model = head.get("method"), head.get("path"), head.get("model", "")
+        if not isinstance(path, str) or path not in ALLOWED_PATHS:
+            raise StreamError(404, "not_found", "path not allowed")
+        if method != ALLOWED_METHODS.get(path, "POST"):
+            raise StreamError(405, "method_not_allowed", f"{path} takes {ALLOWED_METHODS.get(path, 'POST')}")
+        if not isinstance(model, str) or len(model) > 256:
+            raise StreamError(400, "bad_request", "model must be a string")
+        headers: Dict[str, str] = {}
+        raw = head.get("headers") or {}
+        if not isinstance(raw, dict):
+            raise StreamError(400, "bad_request", "headers must be an object")
+        for key, value in raw.items():
+            if isinstance(key, str) and key.lower() in REQUEST_HEADERS and isinstance(value, str) \
+                    and HEADER_VALUE_RE.match(value):
+                headers[key.lower()] = value
+        return method, path, model, headers
+
+    async def route(self, sid: int, head: Dict[str, Any], body: bytes) -> None:
+        method, path, model, headers = self.validate(head)
+        if not model and path in ("/v1/models", "/health"):
+            self.answer_locally(sid, path)
+            return
+        svc = self.config.service_for_model(model)
+        if svc is None:
+            raise StreamError(404, "model_not_found", f"model {model!r} does not exist on this platform")
+        tried: Set[str] = set()
+        started = time.monotonic()
+        while True:
+            inst = self.router.pick(model, tried)
+            if inst is None:
+                if tried:
+                    raise StreamError(502, "upstream_unreachable", "no instance of the model could be reached",
+                                      retry_after=5)
+                inst = await self.hold(sid, svc, started)
+            self.router.begin(model, inst.iid)
+            try:
+                await self.forward(sid, inst, method, path, headers, body)
+                return
+            except ConnectFailed:
+                tried.add(inst.iid)
+                if len(tried) >= MAX_RETRIES:
+                    raise StreamError(502, "upstream_unreachable", "no instance of the model could be reached",
+                                      retry_after=5) from None
+            finally:
+                self.router.end(model, inst.iid)
+
+    def answer_locally(self, sid: int, path: str) -> None:
+        if path == "/health":
+            obj: Dict[str, Any] = {"status": "ok", "server": f"hpcside {__version__}",
+                                   "slurm_ok": self.router.slurm_ok}
+        else:
+            obj = {"object": "list", "data": self.models_status()}
+        body = json.dumps(obj).encode()
+        self.send_json(p.RESPONSE, sid, {"status": 200, "headers": {"content-type": "application/json"}})
+        self.send(p.encode_data(sid, body))
+        self.send(p.encode(p.END, sid))
+
+    def models_status(self) -> List[Dict[str, Any]]:
+        """Every configured model with its state and demand, for the gateway's /v1/models."""
+        table = self.router.table()
+        state = load_scheduler_state(self.config.settings.state_dir)
+        now = time.time()
+        out = []
+        for svc in self.config.services.values():
+            mine = [i for i in state.instances.values() if i.service == svc.name]
+            ss = state.services.get(svc.name)
+            if table.get(svc.model):
+                status = "ready"
+            elif any(i.phase == "starting" for i in mine):
+                status = "starting"
+            elif any(i.phase == "pending" for i in mine):
+                status = "queued"
+            elif ss is not None and ss.failures and ss.backoff_until > now:
+                status = "failed"
+            else:
+                status = "offline"
+            out.append({"id": svc.model, "object": "model", "owned_by": "hpcside", "status": status,
+                        "instances": len(table.get(svc.model, [])),
+                        "demand": (ss.inflight + ss.waiting) if ss else 0,
+                        "max_model_len": svc.max_model_len})
+        return out
+
+    async def hold(self, sid: int, svc: ServiceConfig, started: float) -> Instance:
+        """No instance is ready: ask the scheduler now and wait, with progress, up to hold_timeout."""
+        load = self.router.load(svc.model)
+        load.waiting += 1
+        load.last_request_at = time.time()
+        self.router.dirty = True
+        last_stage: Optional[Tuple[str, str]] = None
+        last_sent = 0.0
+        limit = self.config.settings.hold_timeout
+        try:
+            while True:
+                inst = self.router.pick(svc.model, set())
+                if inst is not None:
+                    self.send_json(p.PROGRESS, sid, {"stage": "ready", "elapsed": round(time.monotonic() - started, 1)})
+                    return inst
+                elapsed = time.monotonic() - started
+                if elapsed > limit:
+                    raise StreamError(503, "model_unavailable",
+                                      f"model {svc.model!r} did not become ready within {limit:.0f}s", retry_after=30)
+                self.trigger_reconcile(force=True)
+                stage = self.stage_of(svc)
+                if stage != last_stage or elapsed - last_sent >= 5:
+                    self.send_json(p.PROGRESS, sid, {"stage": stage[0], "message": stage[1],
+                                                     "elapsed": round(elapsed, 1)})
+                    await self.writer.drain()
+                    last_stage, last_sent = stage, elapsed
+                await asyncio.sleep(HOLD_POLL)
+        finally:
+            load.waiting = max(0, load.waiting - 1)
+            self.router.dirty = True
+
+    def stage_of(self, svc: ServiceConfig) -> Tuple[str, str]:
+        state = load_scheduler_state(self.config.settings.state_dir)
+        mine = [i for i in state.instances.values() if i.service == svc.name]
+        ss = state.services.get(svc.name)
+        if not state.slurm_ok:
+            return "waiting", "the batch system is not answering"
+        starting = [i for i in mine if i.phase == "starting"]
+        if starting:
+            since = starting[0].running_since or starting[0].submitted_at
+            return "starting", f"loading the model on {starting[0].node or 'a node'} ({time.time() - since:.0f}s)"
+        pending = [i for i in mine if i.phase == "pending"]
+        if pending:
+            reason = pending[0].reason or "waiting for resources"
+            return "queued", f"queued in Slurm ({reason})"
+        if ss is not None and ss.backoff_until > time.time():
+            return "backoff", f"recent starts failed; retrying in {ss.backoff_until - time.time():.0f}s"
+        return "requested", "an instance was requested"
+
+    async def forward(self, sid: int, inst: Instance, method: str, path: str, headers: Dict[str, str],
+                      body: bytes) -> None:
+        up_headers = dict(headers)
+        up_headers["authorization"] = f"Bearer {inst.token}"
+        try:
+            response = await self.pool.request(inst.host, inst.port, method, path, up_headers, body)
+        except UpstreamFailed as exc:
+            raise StreamError(502, "upstream_error", str(exc)) from None
+        out_headers = {k.lower(): v for k, v in response.headers if k.lower() in RESPONSE_HEADERS}
+        self.send_json(p.RESPONSE, sid, {"status": response.status, "headers": out_headers, "instance": inst.iid})
+        agen = response.body
+        try:
+            async for chunk in agen:
+                self.send(p.encode_data(sid, chunk))
+                await self.writer.drain()
+        except UpstreamFailed as exc:
+            raise StreamError(502, "upstream_error", str(exc)) from None
+        finally:
+            await agen.aclose()  # type: ignore[attr-defined]  # closes the connection on cancel
+        self.send(p.encode(p.END, sid))
+
+
+async def serve(config: Config) -> int:
+    loop = asyncio.get_event_loop()
+    reader = asyncio.StreamReader(limit=p.MAX_FRAME * 2)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return await Session(config, reader, writer).run()
+
+
+def run_serve(config: Config) -> int:
+    return asyncio.run(serve(config))
+
+

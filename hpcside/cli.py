@@ -64,24 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(state_dir: Path, stderr: TextIO, verbose: bool) -> None:
+    """Events to state_dir/hpcside.log (owner-only); to stderr too when verbose."""
     logger = logging.getLogger("hpcside")
     logger.setLevel(logging.INFO)
+    logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    old = os.umask(0o077)
-    try:
-        fh = logging.handlers.RotatingFileHandler(state_dir / "hpcside.log", maxBytes=5_000_000, backupCount=3)
-    finally:
-        os.umask(old)
-    fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logger.addHandler(fh)
     if verbose:
         sh = logging.StreamHandler(stderr)
         sh.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(sh)
-    logger.propagate = False
+    old = os.umask(0o077)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.handlers.RotatingFileHandler(state_dir / "hpcside.log", maxBytes=5_000_000, backupCount=3)
+    except OSError as exc:
+        if verbose:
+            print(f"hpcside: cannot write {state_dir / 'hpcside.log'}: {exc.strerror}", file=stderr)
+        return
+    finally:
+        os.umask(old)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logger.addHandler(fh)
 
 
 def main(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = None,
@@ -113,7 +118,12 @@ def main(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = No
         from .forcecommand import run
 
         setup_logging(config.settings.state_dir, stderr, verbose=False)
-        return run(config, env, stdout, stderr)
+        try:
+            return run(config, env, stdout, stderr)
+        except Exception as exc:  # the SSH client gets one line, never a traceback
+            logging.getLogger("hpcside.forcecommand").error("failed: %s", type(exc).__name__)
+            print(f"hpcside: internal error ({type(exc).__name__}); see hpcside.log on the login node", file=stderr)
+            return 1
     return cmd_schedule(config, args.force, args.loop, stdout, stderr)
 
 

@@ -133,7 +133,8 @@ class Session:
         self.config = config
         self.reader, self.writer = reader, writer
         self.router = Router(config)
-        self.pool = Pool(connect_timeout=max(config.settings.probe_timeout, 1.0))
+        # 3 s covers one lost SYN (retransmitted after 1 s) on a busy instance.
+        self.pool = Pool(connect_timeout=3.0)
         self.tasks: Dict[int, asyncio.Future[None]] = {}
         self.bodies: Dict[int, Tuple[Dict[str, Any], bytearray]] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile")

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 step "system packages"
-apt_need slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-client munged:munge
+apt_need slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-client munged:munge \
+  /usr/sbin/sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
 [ -x /usr/bin/python3 ] || apt_install python3
 
 step "python environment"

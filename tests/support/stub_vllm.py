@@ -15,6 +15,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # like uvicorn's backlog; Python's default of 5 drops SYNs under load
+    daemon_threads = True
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "stub-vllm"
@@ -37,7 +42,10 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self):
-        if self.path == "/health":
+        if self.path == "/stub/stats":  # for the tests only: what the stub saw
+            self._json(200, {"cancelled": self.server.cancelled, "requests": self.server.requests,
+                             "last_headers": self.server.last_headers})
+        elif self.path == "/health":
             mode = os.environ.get("STUB_MODE", "ok")
             self.send_response(503 if mode == "never-ready" else 200)
             self.send_header("Content-Length", "0")
@@ -55,6 +63,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
+        self.server.requests += 1
+        self.server.last_headers = {k.lower(): v for k, v in self.headers.items()}
         if not self._authorized():
             return
         if self.path not in ("/v1/chat/completions", "/v1/completions"):
@@ -86,7 +96,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         try:
-            for word in words:
+            for word in words * int(req.get("stub_repeat", 1)):
                 chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created,
                        "model": req.get("model"), "choices": [{"index": 0, "delta": {"content": word},
                                                                "finish_reason": None}]})
@@ -113,10 +123,11 @@ def main():
         sys.exit(1)
     if mode.startswith("slow:"):
         time.sleep(float(mode.split(":", 1)[1]))
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
-    server.daemon_threads = True
+    server = Server((args.host, args.port), Handler)
     server.model = args.model
     server.cancelled = 0
+    server.requests = 0
+    server.last_headers = {}
     print(f"stub: serving {args.model} on port {args.port}", flush=True)
     server.serve_forever()
 

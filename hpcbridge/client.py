@@ -138,7 +138,7 @@ class Connection:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _LOST)
         try:
             self.link.close()
-        except Exception:  # noqa: BLE001 - closing a broken link may fail in any way
+        except Exception:  # noqa: BLE001, S110 - closing a broken link may fail in any way
             pass
         self.on_dead(self, why)
 

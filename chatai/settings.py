@@ -7,6 +7,7 @@ OIDC_OP_BASE_URL. See .env.example for every variable.
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
 
@@ -123,3 +124,15 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
     # Request bodies never reach a log: Django's request logger only logs paths and status.
 }
+
+# HPC platforms reached through hpcbridge: a JSON list, inline or in a file. Each entry:
+# {"name", "transport": "ssh", "host", "port", "user", "key_file", "known_hosts"} or
+# {"name", "transport": "local", "hpcside_config"}. Default: hpcside on this machine.
+HPC_PLATFORMS_JSON = env("HPC_PLATFORMS") or (
+    Path(env("HPC_PLATFORMS_FILE")).read_text() if env("HPC_PLATFORMS_FILE") else ""
+)
+HPC_PLATFORMS = (
+    json.loads(HPC_PLATFORMS_JSON)
+    if HPC_PLATFORMS_JSON
+    else [{"name": "local", "transport": "local", "hpcside_config": HPCSIDE_CONFIG}]
+)

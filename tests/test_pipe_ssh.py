@@ -259,3 +259,22 @@ def test_an_unknown_host_key_is_refused(sshd: SSHServer, tmp_path: Path) -> None
         finally:
             plat.stop()
     assert empty.read_text() == ""  # never auto-added
+
+
+def test_a_saturated_connection_gets_a_second_one(sshd: SSHServer) -> None:
+    plat = Platform(platform_config(sshd, streams_per_connection=2, max_connections=2)).start()
+    try:
+        async def many() -> None:
+            body = json.dumps({**CHAT, "stream": True, "stub_delay": 0.3}).encode()
+
+            async def one() -> None:
+                async for _ in plat.stream("POST", "/v1/chat/completions", "stub-model", {}, body):
+                    pass
+
+            await asyncio.gather(*(one() for _ in range(6)))
+            await asyncio.gather(*(one() for _ in range(6)))
+
+        asyncio.run(many())
+        assert plat.state()["connections"] == 2
+    finally:
+        plat.stop()

@@ -32,6 +32,7 @@ class SSHServer:
     # Not under /tmp: StrictModes refuses keys below a world-writable directory.
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chatai-sshd-", dir="/run")))
     port: int = 0
+    slurm_env: str = ""  # e.g. SLURM_CONF=/path: set for the ForceCommand like a login node's profile
     proc: Optional[subprocess.Popen[bytes]] = None
 
     @property
@@ -56,6 +57,8 @@ class SSHServer:
         line = run([sys.executable, "-S", "-m", "hpcside", "--config", str(self.config), "authorized-key",
                     "--pubkey", f"{self.client_key}.pub", "--root", str(self.deployment),
                     "--python", "/usr/bin/python3"], cwd=str(self.deployment)).stdout
+        if self.slurm_env:  # the login node's environment, set by the operator, not by the client
+            line = line.replace('command="cd ', f'command="export {self.slurm_env} && cd ', 1)
         (keys / self.account.name).write_text(line)
         (keys / self.account.name).chmod(0o644)
         (self.root / "sshd_config").write_text("\n".join([

@@ -94,6 +94,14 @@ def backoff_delay(failures: int, base: float, cap: float) -> float:
     return float(min(cap, base * (2 ** min(failures - 1, 30))))
 
 
+def record_failure(ss: ServiceState, now: float, why: str, base: float, cap: float) -> None:
+    """One more failed start in a row: remember why and back off exponentially."""
+    ss.failures += 1
+    ss.last_error = why
+    ss.last_failure_at = now
+    ss.backoff_until = now + backoff_delay(ss.failures, base, cap)
+
+
 class _Decider:
     def __init__(self, now: float, local_now: dt.datetime, services: Mapping[str, ServiceConfig],
                  state: SchedulerState, obs: Observation, prefix: str, backoff_base: float,
@@ -120,10 +128,7 @@ class _Decider:
     def fail(self, inst: Instance, why: str) -> None:
         """A job that never became ready: count it and back off exponentially."""
         ss = self.svc_state(inst.service)
-        ss.failures += 1
-        ss.last_error = why
-        ss.last_failure_at = self.now
-        ss.backoff_until = self.now + backoff_delay(ss.failures, self.base, self.cap)
+        record_failure(ss, self.now, why, self.base, self.cap)
         self.event(f"{inst.service}: instance {inst.iid} (job {inst.job_id}) failed: {why}; "
                    f"failure {ss.failures}, next start not before +{ss.backoff_until - self.now:.0f}s")
 

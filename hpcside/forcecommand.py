@@ -60,9 +60,9 @@ def run(config: Config, env: Mapping[str, str], stdout: TextIO, stderr: TextIO) 
     if command.verb == "version":
         print(f"hpcside {__version__} protocol {VERSION}", file=stdout)
         return 0
-    if command.verb == "status":
-        from .status import collect
+    from .status import collect
 
+    if command.verb == "status":
         json.dump(collect(config), stdout, sort_keys=True)
         stdout.write("\n")
         return 0
@@ -70,8 +70,6 @@ def run(config: Config, env: Mapping[str, str], stdout: TextIO, stderr: TextIO) 
         from .reconcile import Scheduler
 
         outcome = Scheduler(config).reconcile(force=False)
-        from .status import collect
-
         info = collect(config)
         print(json.dumps({"reconciled": outcome.ran, "slurm_ok": info["slurm_ok"], "routable": info["routable"]},
                          sort_keys=True), file=stdout)

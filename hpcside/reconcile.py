@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from .config import Config
-from .decide import Observation, Plan, Probe, backoff_delay, decide, job_name, routing_table
+from .decide import Observation, Plan, Probe, decide, job_name, record_failure, routing_table
 from .launchers import Launcher, LauncherError, make_launcher
 from .state import (
     SchedulerState,
@@ -167,12 +167,8 @@ class Scheduler:
                     inst.job_id = self.submit_one(sub.service, sub.iid)
                     outcome.submitted.append(inst.job_id)
                 except (LauncherError, TemplateError, OSError) as exc:
-                    ss = plan.state.services[sub.service]
-                    ss.failures += 1
-                    ss.last_error = f"submission failed: {exc}"
-                    ss.last_failure_at = now
-                    ss.backoff_until = now + backoff_delay(ss.failures, self.settings.backoff_base,
-                                                           self.settings.backoff_max)
+                    record_failure(plan.state.services[sub.service], now, f"submission failed: {exc}",
+                                   self.settings.backoff_base, self.settings.backoff_max)
                     del plan.state.instances[sub.iid]
                     plan.forget.append(sub.iid)
                     outcome.events.append(f"{sub.service}: submission failed: {exc}")

@@ -240,3 +240,17 @@ def test_status_json_is_machine_readable(slurm1: SlurmCluster, hpcside_on: MakeH
     # Tokens are for routers only: never printed by status.
     token = routed(h)[0]["token"]
     assert token not in h.run("status", "--json").stdout and token not in h.run("status").stdout
+
+
+def test_a_submission_slurm_refuses_is_reported_and_backed_off(slurm1: SlurmCluster, hpcside_on: MakeHpcside) -> None:
+    h = hpcside_on(slurm1)
+    h.write_config(h.stub_service(min_instances=1, partition="nosuchpartition"), backoff_base="60s",
+                   backoff_max="10m")
+    proc = h.schedule()
+    assert "submission failed: sbatch failed" in proc.stdout
+    svc = h.service()
+    assert svc["failures"] == 1 and "invalid partition" in svc["last_error"].lower()
+    assert svc["backoff_seconds"] > 50
+    h.schedule()
+    assert h.service()["failures"] == 1  # backing off: not resubmitted on the next trigger
+    assert slurm1.jobs() == [] and h.status()["instances"] == []

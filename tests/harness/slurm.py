@@ -265,10 +265,29 @@ class SlurmCluster:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         self.procs.clear()
-        # slurmstepd of jobs on killed nodes, and anything the account left running.
-        subprocess.run(["pkill", "-KILL", "-f", f"slurmstepd.*{self.root}"], check=False)
+        # slurmstepd of jobs whose node or controller was killed, and what the account left running.
+        for pid in self.leftover_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         kill_user_processes(self.account)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def leftover_processes(self) -> list[int]:
+        """Processes started for this cluster (they carry its SLURM_CONF), other than our daemons."""
+        marker = f"SLURM_CONF={self.conf}\0".encode()
+        ours = {proc.pid for proc in self.procs.values()}
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in ours or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
 
     def __enter__(self) -> SlurmCluster:
         return self.start()

@@ -7,6 +7,7 @@ OIDC_OP_BASE_URL. See .env.example for every variable.
 
 from __future__ import annotations
 
+import hmac
 import json
 import secrets
 from pathlib import Path
@@ -83,6 +84,7 @@ if env("DB_ENGINE", "sqlite") == "postgresql":
         }
     }
 else:
+    DATA_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
@@ -136,3 +138,34 @@ HPC_PLATFORMS = (
     if HPC_PLATFORMS_JSON
     else [{"name": "local", "transport": "local", "hpcside_config": HPCSIDE_CONFIG}]
 )
+
+# -- gateway -----------------------------------------------------------------------------
+# Keyed hash of API key secrets; rotating it invalidates every key.
+API_KEY_PEPPER = env("API_KEY_PEPPER") or hmac.new(SECRET_KEY.encode(), b"api-key-pepper", "sha256").hexdigest()
+# Largest request body. Django spools bodies above FILE_UPLOAD_MAX_MEMORY_SIZE to a temp file:
+# keep them in memory so no prompt ever touches a disk.
+GATEWAY_MAX_BODY = envint("GATEWAY_MAX_BODY", 16 * 1024 * 1024)
+FILE_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY + 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY + 1024
+# How long /v1/models answers from the platforms are reused.
+GATEWAY_MODELS_TTL = envint("GATEWAY_MODELS_TTL", 5)
+# Limits for users with no policy (None: unlimited).
+GATEWAY_DEFAULT_LIMITS = {
+    "requests_per_minute": envint("LIMIT_REQUESTS_PER_MINUTE", 120),
+    "requests_per_hour": None,
+    "requests_per_day": None,
+    "tokens_per_minute": None,
+    "tokens_per_day": None,
+    "parallel_streams": envint("LIMIT_PARALLEL_STREAMS", 16),
+}
+
+# Shared counters (rate limits) live in the cache: Redis when REDIS_URL is set (several
+# workers share one limit), local memory otherwise (the single-process default).
+REDIS_URL = env("REDIS_URL")
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "chatai"}
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from chatai import views
 
@@ -9,4 +9,5 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    path("v1/", include("gateway.urls")),
 ]

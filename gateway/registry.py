@@ -1,0 +1,108 @@
+"""The model registry: models from the HPC platforms (cached briefly) plus the admin overlay."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from django.conf import settings
+
+from gateway.errors import ApiError
+from gateway.models import ApiKey, ModelOverlay
+from hpcbridge.client import BridgeError
+from hpcbridge.registry import get_bridge
+
+_cache: Dict[str, Tuple[float, List[Dict[str, Any]]]] = {}
+
+
+@dataclass
+class ModelEntry:
+    id: str
+    platform: str
+    status: str
+    demand: int = 0
+    instances: int = 0
+    max_model_len: Optional[int] = None
+    display_name: str = ""
+    description: str = ""
+    group_ids: Tuple[int, ...] = ()
+
+    def as_openai(self) -> Dict[str, Any]:
+        return {"id": self.id, "object": "model", "created": 0, "owned_by": self.platform,
+                "name": self.display_name or self.id, "description": self.description, "status": self.status,
+                "demand": self.demand, "instances": self.instances, "max_model_len": self.max_model_len}
+
+
+async def platform_models(name: str) -> List[Dict[str, Any]]:
+    now = time.monotonic()
+    cached = _cache.get(name)
+    if cached and cached[0] > now:
+        return cached[1]
+    try:
+        head, body = await get_bridge().get(name).request("GET", "/v1/models")
+        models = [m for m in json.loads(body).get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    except (BridgeError, ValueError):
+        # The platform is down: its models stay known, marked offline, so clients see why.
+        models = [{**m, "status": "offline", "instances": 0} for m in (cached[1] if cached else [])]
+    _cache[name] = (now + settings.GATEWAY_MODELS_TTL, models)
+    return models
+
+
+async def all_models() -> Dict[str, ModelEntry]:
+    entries: Dict[str, ModelEntry] = {}
+    for name in get_bridge().platforms:
+        for m in await platform_models(name):
+            entries.setdefault(m["id"], ModelEntry(m["id"], name, str(m.get("status", "offline")),
+                                                   int(m.get("demand") or 0), int(m.get("instances") or 0),
+                                                   m.get("max_model_len")))
+    async for overlay in ModelOverlay.objects.prefetch_related("groups"):
+        entry = entries.get(overlay.model_id)
+        if not overlay.enabled:
+            entries.pop(overlay.model_id, None)
+            continue
+        if entry is None:
+            continue
+        entry.display_name, entry.description = overlay.display_name, overlay.description
+        entry.group_ids = tuple(g.pk for g in overlay.groups.all())
+    return entries
+
+
+async def user_group_ids(user: Any) -> set[int]:
+    return {pk async for pk in user.groups.values_list("pk", flat=True)}
+
+
+def may_use(entry: ModelEntry, groups: set[int], user: Any, key: Optional[ApiKey]) -> bool:
+    if key is not None and not key.allows(entry.id):
+        return False
+    return not entry.group_ids or user.is_superuser or bool(groups & set(entry.group_ids))
+
+
+async def visible_models(user: Any, key: Optional[ApiKey]) -> List[ModelEntry]:
+    groups = await user_group_ids(user)
+    return [e for e in (await all_models()).values() if may_use(e, groups, user, key)]
+
+
+async def resolve(model: str, user: Any, key: Optional[ApiKey]) -> ModelEntry:
+    entry = (await all_models()).get(model)
+    if entry is None:
+        raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+    if not may_use(entry, await user_group_ids(user), user, key):
+        raise ApiError(403, f"You are not allowed to use the model `{model}`.", code="model_not_allowed",
+                       param="model")
+    return entry
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+def note_ready(platform: str, model: str) -> None:
+    """A model that just answered is ready, whatever the cached list said a moment ago."""
+    cached = _cache.get(platform)
+    if cached:
+        for m in cached[1]:
+            if m.get("id") == model and m.get("status") != "ready":
+                m["status"] = "ready"
+                m["instances"] = max(1, int(m.get("instances") or 0))

@@ -1,0 +1,292 @@
+"""The OpenAI-compatible /v1 API. Thin async views: authenticate, validate, limit, forward, account.
+
+Streaming replies are server-sent events forwarded event by event as they arrive; a
+request held through a cold start gets SSE comment lines (``: queued in Slurm ...``),
+which OpenAI clients ignore. Request and response bodies live only in memory: they are
+never logged, cached or stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Dict, Optional, Tuple
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+
+from gateway import registry
+from gateway.errors import ApiError
+from gateway.keys import api_key_authenticate, api_key_touch
+from gateway.limits import Limiter, Limits, limits_for
+from gateway.models import ApiKey, UsageRecord
+from hpcbridge.client import BridgeError, Head, Progress
+from hpcbridge.registry import get_bridge
+
+ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
+limiter = Limiter(cache)
+
+
+async def authenticate(request: HttpRequest) -> Tuple[AbstractBaseUser, Optional[ApiKey]]:
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "The Authorization header must be 'Bearer <API key>'.", code="invalid_api_key")
+        key = await api_key_authenticate(token.strip())
+        if key is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if not key.is_active():
+            raise ApiError(401, "This API key has expired or was revoked.", code="invalid_api_key")
+        if not key.user.is_active:
+            raise ApiError(401, "The account of this API key is disabled.", code="invalid_api_key")
+        await api_key_touch(key)
+        return key.user, key
+    user = await request.auser()
+    if user.is_authenticated:
+        # The chat page uses the same endpoints with its session: it must prove it is our page.
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            failure = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {})
+            if failure is not None:
+                raise ApiError(403, "CSRF verification failed.", code="csrf_failed")
+        return user, None
+    raise ApiError(401, "You didn't provide an API key. Use 'Authorization: Bearer <API key>'.",
+                   code="missing_api_key")
+
+
+def parse_body(request: HttpRequest, kind: str) -> Dict[str, Any]:
+    length = request.headers.get("Content-Length")
+    if length and length.isdigit() and int(length) > settings.GATEWAY_MAX_BODY:
+        raise ApiError(413, f"Request body larger than {settings.GATEWAY_MAX_BODY} bytes.", code="payload_too_large")
+    if len(request.body) > settings.GATEWAY_MAX_BODY:
+        raise ApiError(413, f"Request body larger than {settings.GATEWAY_MAX_BODY} bytes.", code="payload_too_large")
+    try:
+        data = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    model = data.get("model")
+    if not isinstance(model, str) or not model or len(model) > 200:
+        raise ApiError(400, "'model' is required and must be a string.", code="invalid_value", param="model")
+    if "stream" in data and not isinstance(data["stream"], bool):
+        raise ApiError(400, "'stream' must be true or false.", code="invalid_type", param="stream")
+    if "stream_options" in data and data["stream_options"] is not None and not isinstance(data["stream_options"], dict):
+        raise ApiError(400, "'stream_options' must be an object.", code="invalid_type", param="stream_options")
+    if kind == "chat":
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty array.", code="invalid_value", param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ApiError(400, f"'messages[{i}]' must be an object with a 'role'.", code="invalid_value",
+                               param=f"messages[{i}]")
+    elif kind == "completions" and not isinstance(data.get("prompt"), (str, list)):
+        raise ApiError(400, "'prompt' is required.", code="invalid_value", param="prompt")
+    elif kind == "embeddings" and not isinstance(data.get("input"), (str, list)):
+        raise ApiError(400, "'input' is required.", code="invalid_value", param="input")
+    return data
+
+
+def bridge_error(exc: BridgeError) -> ApiError:
+    return ApiError(exc.status, exc.message, code=exc.code, retry_after=exc.retry_after)
+
+
+def subject_of(user: AbstractBaseUser, key: Optional[ApiKey]) -> str:
+    return f"k{key.pk}" if key is not None else f"u{user.pk}"
+
+
+class Accounting:
+    """What one request leaves behind: a usage row (no content) and its limiter slot released."""
+
+    def __init__(self, user: AbstractBaseUser, key: Optional[ApiKey], model: str, kind: str, stream: bool,
+                 subject: str, limits: Limits) -> None:
+        self.user, self.key, self.model, self.kind, self.stream = user, key, model, kind, stream
+        self.subject, self.limits = subject, limits
+        self.started = time.monotonic()
+        self.status = 0
+        self.prompt_tokens = self.completion_tokens = 0
+        self.done = False
+
+    def take_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    async def finish(self, status: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        await limiter.release(self.subject, self.limits, self.prompt_tokens + self.completion_tokens)
+        await UsageRecord.objects.acreate(
+            user=self.user, api_key=self.key, model=self.model, endpoint=self.kind, status=status,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, streamed=self.stream,
+            duration_ms=int((time.monotonic() - self.started) * 1000))
+
+
+async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
+    rate_headers: Dict[str, str] = {}
+    try:
+        if request.method != "POST":
+            raise ApiError(405, f"{ENDPOINTS[kind]} takes POST.", code="method_not_allowed")
+        user, key = await authenticate(request)
+        data = parse_body(request, kind)
+        entry = await registry.resolve(data["model"], user, key)
+        limits = await limits_for(user, key)
+        subject = subject_of(user, key)
+        decision = await limiter.acquire(subject, limits)
+        rate_headers = decision.headers
+        if not decision.allowed:
+            raise ApiError(429, f"Rate limit reached: {decision.reason}. Retry after {decision.retry_after:.0f}s.",
+                           code="rate_limit_exceeded", retry_after=decision.retry_after, headers=rate_headers)
+        response = await forward(entry.platform, kind, data, Accounting(user, key, entry.id, kind,
+                                                                        bool(data.get("stream")), subject, limits))
+    except ApiError as exc:
+        response = exc.response()
+    for name, value in rate_headers.items():
+        response[name] = value
+    return response
+
+
+async def forward(platform_name: str, kind: str, data: Dict[str, Any], acct: Accounting) -> HttpResponse:
+    stream = bool(data.get("stream"))
+    wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+    if stream and kind != "embeddings":
+        # Ask upstream for usage to count tokens; the client gets it only if it asked.
+        data = {**data, "stream_options": {**(data.get("stream_options") or {}), "include_usage": True}}
+    request_id = uuid.uuid4().hex
+    headers = {"content-type": "application/json", "x-request-id": request_id}
+    events = get_bridge().get(platform_name).stream("POST", ENDPOINTS[kind], acct.model, headers,
+                                                    json.dumps(data).encode())
+    try:
+        first = await events.__anext__()
+        while isinstance(first, Progress) and not stream:
+            first = await events.__anext__()  # a plain request simply waits through a cold start
+        if isinstance(first, Head) and first.status == 200:
+            registry.note_ready(platform_name, acct.model)
+        if isinstance(first, Head) and (first.status != 200 or not stream):
+            body = b"".join([chunk async for chunk in events if isinstance(chunk, bytes)])
+            if first.status == 200:
+                try:
+                    acct.take_usage(json.loads(body).get("usage"))
+                except (ValueError, AttributeError):
+                    pass
+            await acct.finish(first.status)
+            resp = HttpResponse(body, status=first.status,
+                                content_type=first.headers.get("content-type", "application/json"))
+            resp["x-request-id"] = request_id
+            return resp
+    except BridgeError as exc:
+        await acct.finish(exc.status)
+        raise bridge_error(exc) from None
+    except StopAsyncIteration:
+        await acct.finish(502)
+        raise ApiError(502, "The model server closed the response without answering.", code="upstream_error") from None
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        await acct.finish(499)
+        raise
+    resp = StreamingHttpResponse(sse(first, events, acct, wants_usage, platform_name),
+                                 content_type="text/event-stream")
+    resp["Cache-Control"] = "no-cache"
+    resp["X-Accel-Buffering"] = "no"  # tell a reverse proxy not to buffer
+    resp["x-request-id"] = request_id
+    return resp
+
+
+async def sse(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_usage: bool,
+              platform_name: str) -> AsyncIterator[bytes]:
+    """Forward SSE events as they complete; progress as comments; drop the usage chunk if not asked for."""
+    status = 200
+    pending = b""
+    try:
+        event: Any = first
+        while True:
+            if isinstance(event, Progress):
+                yield f": {event.message or event.stage} ({event.elapsed:.0f}s)\n\n".encode()
+            elif isinstance(event, Head) and event.status != 200:
+                status = event.status
+                body = b"".join([c async for c in events if isinstance(c, bytes)])
+                try:
+                    error = json.loads(body)
+                except ValueError:
+                    error = {"error": {"message": body.decode(errors="replace")[:500], "type": "api_error"}}
+                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                return
+            elif isinstance(event, Head):
+                registry.note_ready(platform_name, acct.model)
+            elif isinstance(event, bytes):
+                pending += event
+                out = []
+                while b"\n\n" in pending:
+                    block, pending = pending.split(b"\n\n", 1)
+                    if b'"usage"' in block and block.startswith(b"data: {"):
+                        try:
+                            obj = json.loads(block[6:])
+                        except ValueError:
+                            obj = {}
+                        if obj.get("usage"):
+                            acct.take_usage(obj["usage"])
+                            if not obj.get("choices") and not wants_usage:
+                                continue
+                    out.append(block + b"\n\n")
+                if out:
+                    yield b"".join(out)
+            try:
+                event = await events.__anext__()
+            except StopAsyncIteration:
+                if pending:
+                    yield pending
+                return
+    except BridgeError as exc:
+        status = exc.status
+        yield b"data: " + json.dumps(bridge_error(exc).body()).encode() + b"\n\n"
+    except BaseException:
+        status = 499  # the client went away
+        raise
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]  # cancels upstream if unfinished
+        await acct.finish(status)
+
+
+@csrf_exempt
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    return await proxy(request, "chat")
+
+
+@csrf_exempt
+async def completions(request: HttpRequest) -> HttpResponse:
+    return await proxy(request, "completions")
+
+
+@csrf_exempt
+async def embeddings(request: HttpRequest) -> HttpResponse:
+    return await proxy(request, "embeddings")
+
+
+async def models(request: HttpRequest) -> HttpResponse:
+    try:
+        user, key = await authenticate(request)
+        data = [e.as_openai() for e in await registry.visible_models(user, key)]
+    except ApiError as exc:
+        return exc.response()
+    return JsonResponse({"object": "list", "data": data})
+
+
+async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
+    try:
+        user, key = await authenticate(request)
+        entry = await registry.resolve(model, user, key)
+    except ApiError as exc:
+        return exc.response()
+    return JsonResponse(entry.as_openai())
+
+
+async def not_found(request: HttpRequest, rest: str = "") -> HttpResponse:
+    return ApiError(404, f"Unknown endpoint /v1/{rest}.", code="unknown_url").response()

@@ -1,0 +1,150 @@
+"""The live app for end-to-end tests: daphne in a subprocess, hpcside behind the local transport."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from hpcside.launchers import LocalLauncher
+from tests.harness.slurm import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPPORT = ROOT / "tests" / "support"
+
+
+@dataclass
+class LiveApp:
+    """One deployment (database, hpcside state) served by one or more daphne workers."""
+
+    db: str = "sqlite"  # sqlite | postgresql
+    redis_url: str = ""
+    workers: int = 1
+    dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chatai-live-")))
+    procs: List[subprocess.Popen] = field(default_factory=list)
+    ports: List[int] = field(default_factory=list)
+    db_name: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports[0]}"
+
+    def urls(self) -> List[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.ports]
+
+    @property
+    def env(self) -> Dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS", "HPC", "DJANGO"))}
+        env.update({"CHATAI_DATA_DIR": str(self.dir / "var"), "SECRET_KEY": "test-secret-key-" + "x" * 40,
+                    "HPC_PLATFORMS": json.dumps([{"name": "local", "transport": "local",
+                                                  "hpcside_config": str(self.dir / "services.ini")}]),
+                    "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
+        if self.db == "postgresql":
+            env.update({"DB_ENGINE": "postgresql", "DB_NAME": self.db_name, "DB_USER": "postgres",
+                        "DB_HOST": "127.0.0.1"})
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        return env
+
+    def start(self) -> LiveApp:
+        (self.dir / "services.ini").write_text(f"""
+[hpcside]
+state_dir = {self.dir}/hpcside
+launcher = local
+job_prefix = live
+min_interval = 1s
+python = {sys.executable}
+bind_host = 127.0.0.1
+endpoint_host = 127.0.0.1
+hold_timeout = 30s
+
+[service:stub]
+model = stub-model
+template = {SUPPORT / 'stub.sh'}
+model_path = {SUPPORT / 'stub_vllm.py'}
+min_instances = 0
+idle_timeout = 10m
+walltime = 1h
+renewal_margin = 5m
+
+[service:other]
+model = other-model
+template = {SUPPORT / 'stub.sh'}
+model_path = {SUPPORT / 'stub_vllm.py'}
+min_instances = 0
+walltime = 1h
+renewal_margin = 5m
+""")
+        if self.db == "postgresql":
+            self.db_name = f"chatai_live_{os.getpid()}_{free_port()}"
+            subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {self.db_name}"],
+                           check=True, capture_output=True)
+        self.manage("migrate", "--no-input", "-v", "0")
+        for _ in range(self.workers):
+            port = free_port()
+            log = open(self.dir / f"daphne-{port}.log", "wb")  # noqa: SIM115 - lives with the process
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatai.asgi:application"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            self.ports.append(port)
+        for url in self.urls():
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/healthz", timeout=2).close()  # noqa: S310 - loopback
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"daphne did not start:\n{self.logs()[-3000:]}") from None
+                    time.sleep(0.2)
+        return self
+
+    def manage(self, *args: str, input: Optional[str] = None) -> str:
+        proc = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,
+                              text=True, input=input, check=False, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    def shell(self, code: str) -> str:
+        return self.manage("shell", "-c", code)
+
+    def create_user(self, username: str, groups: tuple[str, ...] = ()) -> None:
+        self.shell("from django.contrib.auth.models import User, Group\n"
+                   f"u = User.objects.create_user({username!r}, password='pw-{username}-123')\n"
+                   + "".join(f"u.groups.add(Group.objects.get_or_create(name={g!r})[0])\n" for g in groups))
+
+    def create_key(self, username: str, *extra: str) -> str:
+        out = self.manage("apikey", "create", username, "--name", "test", *extra)
+        match = re.search(r"^(cai-\S+)$", out, re.M)
+        assert match, out
+        return match.group(1)
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daphne-*.log")))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        if (self.dir / "hpcside").exists():
+            LocalLauncher(self.dir / "hpcside").kill_all("live.")
+        if self.db == "postgresql" and self.db_name:
+            subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c",
+                            f"DROP DATABASE IF EXISTS {self.db_name} WITH (FORCE)"], capture_output=True, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,189 @@
+"""The official openai client against the live app: gateway -> bridge -> hpcside -> instance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import openai
+import pytest
+
+from tests.live import LiveApp
+
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def app(request: pytest.FixtureRequest) -> Iterator[LiveApp]:
+    live = LiveApp(db=request.param).start()
+    live.create_user("alice")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def key(app: LiveApp) -> str:
+    return app.create_key("alice")
+
+
+@pytest.fixture(scope="module")
+def client(app: LiveApp, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def raw(app: LiveApp, method: str, path: str, body: Optional[bytes] = None,
+        headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], Any]:
+    req = urllib.request.Request(f"{app.url}{path}", data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - loopback
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, json.loads(err.read() or b"null")
+
+
+def assert_openai_error(status: int, body: Any, expected: int) -> None:
+    assert status == expected, body
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+def test_the_client_chats_through_a_cold_start(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="stub-model", messages=ASK)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_the_client_lists_models_with_status(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert {"stub-model", "other-model"} <= set(models)
+    assert models["stub-model"].model_extra["status"] in ("ready", "starting", "queued")
+    assert models["other-model"].model_extra["status"] == "offline"
+
+
+def test_the_client_streams_and_gets_no_usage_chunk_it_did_not_ask_for(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="stub-model", messages=ASK, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert all(c.usage is None for c in chunks)
+    with_usage = list(client.chat.completions.create(model="stub-model", messages=ASK, stream=True,
+                                                     stream_options={"include_usage": True}))
+    assert with_usage[-1].usage is not None and with_usage[-1].usage.total_tokens > 0
+
+
+def test_the_async_client_streams(app: LiveApp, key: str) -> None:
+    async def go() -> str:
+        aclient = openai.AsyncOpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0)
+        stream = await aclient.chat.completions.create(model="stub-model", messages=ASK, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        reply = await aclient.chat.completions.create(model="stub-model", messages=ASK)
+        await aclient.close()
+        return text + (reply.choices[0].message.content or "")
+
+    assert asyncio.run(go()).count("Paris") == 2
+
+
+def test_a_held_request_streams_progress_as_sse_comments(app: LiveApp, key: str) -> None:
+    body = json.dumps({"model": "other-model", "messages": ASK, "stream": True}).encode()
+    req = urllib.request.Request(f"{app.url}/v1/chat/completions", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - loopback
+        text = resp.read().decode()
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+    comments = [line for line in text.splitlines() if line.startswith(": ")]
+    assert comments and any("requested" in c or "queued" in c or "loading" in c for c in comments), text
+    assert "Paris" in text and text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("headers,code", [
+    ({}, "missing_api_key"),
+    ({"Authorization": "Bearer cai-000000000000.nope"}, "invalid_api_key"),
+    ({"Authorization": "Bearer not-a-key"}, "invalid_api_key"),
+    ({"Authorization": "Basic abc"}, "invalid_api_key"),
+])
+def test_missing_or_invalid_keys_get_401(app: LiveApp, headers: Dict[str, str], code: str) -> None:
+    status, _, body = raw(app, "POST", "/v1/chat/completions", json.dumps({"model": "stub-model",
+                                                                          "messages": ASK}).encode(), headers)
+    assert_openai_error(status, body, 401)
+    assert body["error"]["code"] == code
+
+
+@pytest.mark.parametrize("payload,param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"messages": ASK}).encode(), "model"),
+    (json.dumps({"model": "stub-model"}).encode(), "messages"),
+    (json.dumps({"model": "stub-model", "messages": "hi"}).encode(), "messages"),
+    (json.dumps({"model": "stub-model", "messages": [{"content": "x"}]}).encode(), "messages[0]"),
+    (json.dumps({"model": "stub-model", "messages": ASK, "stream": "yes"}).encode(), "stream"),
+])
+def test_malformed_requests_get_400(app: LiveApp, key: str, payload: bytes, param: Optional[str]) -> None:
+    status, _, body = raw(app, "POST", "/v1/chat/completions", payload, {"Authorization": f"Bearer {key}"})
+    assert_openai_error(status, body, 400)
+    assert body["error"]["param"] == param
+
+
+def test_an_unknown_model_gets_404_and_the_client_raises(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-model", messages=ASK)
+    assert err.value.status_code == 404 and err.value.code == "model_not_found"
+
+
+def test_a_model_outside_the_keys_allow_list_gets_403(app: LiveApp) -> None:
+    limited = app.create_key("alice", "--model", "stub-model")
+    client = openai.OpenAI(base_url=f"{app.url}/v1", api_key=limited, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="other-model", messages=ASK)
+    assert [m.id for m in client.models.list()] == ["stub-model"]  # not listed either
+
+
+def test_a_body_too_large_gets_413(app: LiveApp, key: str) -> None:
+    big = json.dumps({"model": "stub-model", "messages": [{"role": "user", "content": "x" * (17 * 1024 * 1024)}]})
+    status, _, body = raw(app, "POST", "/v1/chat/completions", big.encode(), {"Authorization": f"Bearer {key}"})
+    assert_openai_error(status, body, 413)
+
+
+def test_a_revoked_key_stops_working(app: LiveApp) -> None:
+    doomed = app.create_key("alice")
+    client = openai.OpenAI(base_url=f"{app.url}/v1", api_key=doomed, max_retries=0)
+    client.models.list()
+    app.manage("apikey", "revoke", doomed.split(".")[0])
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+
+
+def test_rate_limits_give_429_with_retry_after_and_headers(app: LiveApp) -> None:
+    limited = app.create_key("alice")
+    prefix = limited.split(".")[0].removeprefix("cai-")
+    app.shell("from gateway.models import ApiKey, RateLimitPolicy\n"
+              f"RateLimitPolicy.objects.create(name='t', api_key=ApiKey.objects.get(prefix={prefix!r}), "
+              "requests_per_minute=2)")
+    body = json.dumps({"model": "stub-model", "messages": ASK}).encode()
+    auth = {"Authorization": f"Bearer {limited}", "Content-Type": "application/json"}
+    first = raw(app, "POST", "/v1/chat/completions", body, auth)
+    assert first[0] == 200 and first[1]["x-ratelimit-limit-requests"] == "2"
+    raw(app, "POST", "/v1/chat/completions", body, auth)
+    status, headers, err = raw(app, "POST", "/v1/chat/completions", body, auth)
+    if status == 200:  # the minute turned over between requests: one more try in the new window
+        raw(app, "POST", "/v1/chat/completions", body, auth)
+        status, headers, err = raw(app, "POST", "/v1/chat/completions", body, auth)
+    assert_openai_error(status, err, 429)
+    assert int(headers["retry-after"]) >= 1 and headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_usage_is_recorded_without_content(app: LiveApp, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "canary-usage-4711"}])
+    out = app.shell("from gateway.models import UsageRecord\n"
+                    "r = UsageRecord.objects.filter(model='stub-model', status=200).first()\n"
+                    "print(r.prompt_tokens, r.completion_tokens, r.endpoint, r.user.username)")
+    prompt, completion, endpoint, user = out.strip().splitlines()[-1].split()
+    assert int(prompt) > 0 and int(completion) > 0 and endpoint == "chat" and user == "alice"
+
+
+def test_unknown_endpoints_and_methods_answer_in_openai_shape(app: LiveApp, key: str) -> None:
+    status, _, body = raw(app, "GET", "/v1/nope", headers={"Authorization": f"Bearer {key}"})
+    assert_openai_error(status, body, 404)
+    status, _, body = raw(app, "GET", "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"})
+    assert_openai_error(status, body, 405)

@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "chatai",
     "gateway",
     "hpcbridge",
+    "django_prometheus",
 ]
 
 MIDDLEWARE = [
@@ -169,3 +170,7 @@ CACHES = {
         else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
     )
 }
+
+# /metrics: a bearer token, or scrapers from these addresses (default: this machine only).
+METRICS_TOKEN = env("METRICS_TOKEN")
+METRICS_ALLOWED_IPS = envlist("METRICS_ALLOWED_IPS", "127.0.0.1,::1")

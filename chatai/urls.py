@@ -4,10 +4,12 @@ from django.contrib import admin
 from django.urls import include, path
 
 from chatai import views
+from gateway.metrics import metrics_view
 
 urlpatterns = [
     path("", views.index, name="index"),
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("v1/", include("gateway.urls")),
+    path("metrics", metrics_view, name="metrics"),
 ]

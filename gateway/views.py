@@ -20,7 +20,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from gateway import registry
+from gateway import metrics, registry
 from gateway.errors import ApiError
 from gateway.keys import api_key_authenticate, api_key_touch
 from gateway.limits import Limiter, Limits, limits_for
@@ -118,11 +118,19 @@ class Accounting:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
 
+    def first_byte(self) -> None:
+        metrics.TTFB.labels(self.kind, self.model).observe(time.monotonic() - self.started)
+
     async def finish(self, status: int) -> None:
         if self.done:
             return
         self.done = True
         self.status = status
+        metrics.REQUESTS.labels(self.kind, self.model, str(status)).inc()
+        if self.prompt_tokens:
+            metrics.TOKENS.labels(self.model, "prompt").inc(self.prompt_tokens)
+        if self.completion_tokens:
+            metrics.TOKENS.labels(self.model, "completion").inc(self.completion_tokens)
         await limiter.release(self.subject, self.limits, self.prompt_tokens + self.completion_tokens)
         await UsageRecord.objects.acreate(
             user=self.user, api_key=self.key, model=self.model, endpoint=self.kind, status=status,
@@ -143,11 +151,14 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
         decision = await limiter.acquire(subject, limits)
         rate_headers = decision.headers
         if not decision.allowed:
+            metrics.RATE_LIMITED.labels(kind).inc()
             raise ApiError(429, f"Rate limit reached: {decision.reason}. Retry after {decision.retry_after:.0f}s.",
                            code="rate_limit_exceeded", retry_after=decision.retry_after, headers=rate_headers)
         response = await forward(entry.platform, kind, data, Accounting(user, key, entry.id, kind,
                                                                         bool(data.get("stream")), subject, limits))
     except ApiError as exc:
+        if exc.status in (400, 401, 403, 404, 405, 413):
+            metrics.REQUESTS.labels(kind, "-", str(exc.status)).inc()  # model label not trusted here
         response = exc.response()
     for name, value in rate_headers.items():
         response[name] = value
@@ -166,6 +177,9 @@ async def forward(platform_name: str, kind: str, data: Dict[str, Any], acct: Acc
                                                     json.dumps(data).encode())
     try:
         first = await events.__anext__()
+        if isinstance(first, Progress):
+            metrics.HELD.labels(acct.model).inc()
+        acct.first_byte()
         while isinstance(first, Progress) and not stream:
             first = await events.__anext__()  # a plain request simply waits through a cold start
         if isinstance(first, Head) and first.status == 200:

@@ -187,3 +187,20 @@ def test_unknown_endpoints_and_methods_answer_in_openai_shape(app: LiveApp, key:
     assert_openai_error(status, body, 404)
     status, _, body = raw(app, "GET", "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"})
     assert_openai_error(status, body, 405)
+
+
+def test_metrics_are_scraped_and_parsed(app: LiveApp, client: openai.OpenAI) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model="stub-model", messages=ASK)
+    with urllib.request.urlopen(f"{app.url}/metrics", timeout=10) as resp:  # noqa: S310 - loopback
+        text = resp.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    ok = [v for (name, labels), v in samples.items()
+          if name == "chatai_requests_total" and ("model", "stub-model") in labels and ("status", "200") in labels]
+    assert ok and ok[0] >= 1
+    assert samples[("chatai_platform_up", (("platform", "local"),))] == 1.0
+    assert any(name == "chatai_time_to_first_byte_seconds_count" for name, _ in samples)
+    assert any(name == "chatai_tokens_total" for name, _ in samples)
+    assert any(name.startswith("django_") or name.startswith("python_") for name, _ in samples)

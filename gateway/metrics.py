@@ -1,0 +1,59 @@
+"""Prometheus metrics on /metrics: django-prometheus's plus ours. Not public: a token or an allow-list.
+
+Each worker process exports its own numbers; scrape every worker (they are separate targets).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Iterator
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REQUESTS = Counter("chatai_requests_total", "API requests by endpoint, model and status",
+                   ["endpoint", "model", "status"])
+TTFB = Histogram("chatai_time_to_first_byte_seconds", "Time from request to the first byte of the answer",
+                 ["endpoint", "model"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+TOKENS = Counter("chatai_tokens_total", "Tokens by model and kind", ["model", "kind"])
+RATE_LIMITED = Counter("chatai_rate_limited_total", "Requests refused by a rate limit", ["endpoint"])
+HELD = Counter("chatai_held_requests_total", "Requests held through a model's cold start", ["model"])
+
+
+class LinkStateCollector(Collector):
+    """Each HPC platform's link state, read when scraped."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from hpcbridge.registry import get_bridge
+
+        up = GaugeMetricFamily("chatai_platform_up", "1 when the link to the HPC platform is up", labels=["platform"])
+        conns = GaugeMetricFamily("chatai_platform_connections", "Open SSH connections", labels=["platform"])
+        streams = GaugeMetricFamily("chatai_platform_streams", "Requests in flight on the link", labels=["platform"])
+        for name, platform in get_bridge().platforms.items():
+            state = platform.state()
+            up.add_metric([name], 1.0 if state["up"] else 0.0)
+            conns.add_metric([name], state["connections"])
+            streams.add_metric([name], state["streams"])
+        yield up
+        yield conns
+        yield streams
+
+
+REGISTRY.register(LinkStateCollector())
+
+
+def allowed(request: HttpRequest) -> bool:
+    token = settings.METRICS_TOKEN
+    header = request.headers.get("Authorization", "")
+    if token and hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
+        return True
+    return request.META.get("REMOTE_ADDR", "") in settings.METRICS_ALLOWED_IPS
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    if not allowed(request):
+        return HttpResponse("forbidden\n", status=403, content_type="text/plain")
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

@@ -10,6 +10,7 @@ urlpatterns = [
     path("", views.index, name="index"),
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    path("accounts/", include("django.contrib.auth.urls")),
     path("v1/", include("gateway.urls")),
     path("metrics", metrics_view, name="metrics"),
 ]

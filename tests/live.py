@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from hpcside.launchers import LocalLauncher
+from tests.harness.accounts import stop_process_group
 from tests.harness.slurm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,18 +130,19 @@ renewal_margin = 5m
         assert match, out
         return match.group(1)
 
+    def limit_key(self, key: str, **limits: int) -> None:
+        """Give one key its own rate-limit policy (as an admin would)."""
+        prefix = key.split(".")[0].removeprefix("cai-")
+        self.shell("from gateway.models import ApiKey, RateLimitPolicy\n"
+                   f"RateLimitPolicy.objects.create(name='test', api_key=ApiKey.objects.get(prefix={prefix!r}), "
+                   + ", ".join(f"{k}={v}" for k, v in limits.items()) + ")")
+
     def logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daphne-*.log")))
 
     def stop(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_process_group(proc)
         if (self.dir / "hpcside").exists():
             LocalLauncher(self.dir / "hpcside").kill_all("live.")
         if self.db == "postgresql" and self.db_name:

@@ -158,10 +158,7 @@ def test_a_revoked_key_stops_working(app: LiveApp) -> None:
 
 def test_rate_limits_give_429_with_retry_after_and_headers(app: LiveApp) -> None:
     limited = app.create_key("alice")
-    prefix = limited.split(".")[0].removeprefix("cai-")
-    app.shell("from gateway.models import ApiKey, RateLimitPolicy\n"
-              f"RateLimitPolicy.objects.create(name='t', api_key=ApiKey.objects.get(prefix={prefix!r}), "
-              "requests_per_minute=2)")
+    app.limit_key(limited, requests_per_minute=2)
     body = json.dumps({"model": "stub-model", "messages": ASK}).encode()
     auth = {"Authorization": f"Bearer {limited}", "Content-Type": "application/json"}
     first = raw(app, "POST", "/v1/chat/completions", body, auth)

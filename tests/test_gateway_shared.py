@@ -41,10 +41,7 @@ def app() -> Iterator[LiveApp]:
 
 def test_two_workers_share_one_limit_through_redis(app: LiveApp) -> None:
     key = app.create_key("bob")
-    prefix = key.split(".")[0].removeprefix("cai-")
-    app.shell("from gateway.models import ApiKey, RateLimitPolicy\n"
-              f"RateLimitPolicy.objects.create(name='shared', api_key=ApiKey.objects.get(prefix={prefix!r}), "
-              "requests_per_minute=4)")
+    app.limit_key(key, requests_per_minute=4)
     body = {"model": "stub-model", "messages": [{"role": "user", "content": "hi"}]}
     a, b = app.urls()
     statuses = [post(url, key, body) for url in (a, b, a, b, a, b)]
@@ -67,10 +64,7 @@ def test_canaries_in_prompts_are_found_nowhere_on_the_server(app: LiveApp) -> No
     bad_key = post(app.url, f"cai-000000000000.{canary}", ok)
     assert bad_key == 401
     # Hit a limit with the canary inside.
-    prefix = key.split(".")[0].removeprefix("cai-")
-    app.shell("from gateway.models import ApiKey, RateLimitPolicy\n"
-              f"RateLimitPolicy.objects.create(name='c', api_key=ApiKey.objects.get(prefix={prefix!r}), "
-              "requests_per_day=1)")
+    app.limit_key(key, requests_per_day=1)
     assert [post(app.url, key, ok), post(app.url, key, ok)] == [200, 429]  # the day's one, then refused
 
     needle = canary.encode()

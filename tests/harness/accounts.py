@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -46,3 +47,15 @@ def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     if proc.returncode != 0:
         raise HarnessError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:  # type: ignore[type-arg]
+    """TERM the process group started with start_new_session, KILL it if it does not go within grace."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

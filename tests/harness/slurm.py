@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .accounts import Account, HarnessError, kill_user_processes
+from .accounts import Account, HarnessError, kill_user_processes, stop_process_group
 
 REQUIRED = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "munged")
 
@@ -256,14 +256,7 @@ class SlurmCluster:
             while self.jobs() and time.monotonic() < deadline:
                 time.sleep(0.2)
         for name in sorted(self.procs, key=lambda n: n == "slurmctld"):  # slurmd first
-            proc = self.procs[name]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_process_group(self.procs[name])
         self.procs.clear()
         # slurmstepd of jobs whose node or controller was killed, and what the account left running.
         for pid in self.leftover_processes():

@@ -176,6 +176,8 @@ class Scheduler:
             os.umask(old)
         for iid in plan.forget:
             self.forget_files(iid)
+        if plan.forget:
+            self.prune_logs()
         for line in outcome.events:
             log.info("%s", line)
         return outcome
@@ -194,7 +196,6 @@ class Scheduler:
                 path.unlink()
             except FileNotFoundError:
                 pass
-        self.prune_logs()
 
     def prune_logs(self, keep_days: float = 7.0) -> None:
         cutoff = time.time() - keep_days * 86400

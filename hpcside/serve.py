@@ -260,16 +260,18 @@ class Session:
     def trigger_reconcile(self, force: bool) -> None:
         if self.reconciling is not None and not self.reconciling.done():
             return
-        loop = asyncio.get_event_loop()
-        self.reconciling = loop.run_in_executor(self.executor, self._reconcile, force)
+        # The router's counts belong to the event loop: copy them here, write them in the thread.
+        snapshot = self.router.snapshot()
+        loop = asyncio.get_running_loop()
+        self.reconciling = loop.run_in_executor(self.executor, self._reconcile, force, snapshot)
 
-    def _reconcile(self, force: bool) -> None:
+    def _reconcile(self, force: bool, snapshot: Load) -> None:
         try:
             if self.scheduler is None:
                 from .reconcile import Scheduler
 
                 self.scheduler = Scheduler(self.config)
-            publish_inflight(self.config.settings.state_dir, self.router.snapshot())
+            publish_inflight(self.config.settings.state_dir, snapshot)  # held requests count in this reconcile
             self.scheduler.reconcile(force=force)
         except Exception as exc:  # the session must survive a failing reconcile
             log.warning("reconcile failed: %s", type(exc).__name__)
@@ -454,7 +456,7 @@ class Session:
 
 
 async def serve(config: Config) -> int:
-    loop = asyncio.get_event_loop()
+    loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=p.MAX_FRAME * 2)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Optional
 
 from django.http import JsonResponse
 
@@ -13,10 +13,10 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
-                 retry_after: Optional[float] = None, headers: Optional[Mapping[str, str]] = None) -> None:
+                 retry_after: Optional[float] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
-        self.retry_after, self.headers = retry_after, dict(headers or {})
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": TYPES.get(self.status, "api_error"),
@@ -24,8 +24,6 @@ class ApiError(Exception):
 
     def response(self) -> JsonResponse:
         resp = JsonResponse(self.body(), status=self.status)
-        for key, value in self.headers.items():
-            resp[key] = value
         if self.retry_after is not None:
             resp["Retry-After"] = str(max(1, int(round(self.retry_after))))
         return resp

@@ -153,7 +153,7 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(kind).inc()
             raise ApiError(429, f"Rate limit reached: {decision.reason}. Retry after {decision.retry_after:.0f}s.",
-                           code="rate_limit_exceeded", retry_after=decision.retry_after, headers=rate_headers)
+                           code="rate_limit_exceeded", retry_after=decision.retry_after)
         response = await forward(entry.platform, kind, data, Accounting(user, key, entry.id, kind,
                                                                         bool(data.get("stream")), subject, limits))
     except ApiError as exc:

@@ -27,8 +27,16 @@ class RateLimitPolicyAdmin(admin.ModelAdmin):
 
 @admin.register(ModelOverlay)
 class ModelOverlayAdmin(admin.ModelAdmin):
-    list_display = ("model_id", "display_name", "enabled")
+    list_display = ("model_id", "display_name", "enabled", "external_base_url")
+    list_filter = ("enabled",)
     filter_horizontal = ("groups",)
+    fieldsets = (
+        (None, {"fields": ("model_id", "display_name", "description", "enabled", "groups")}),
+        ("External OpenAI-compatible provider (leave empty for a model of the HPC platforms)",
+         {"fields": ("external_base_url", "external_model", "external_key_env")}),
+        ("Limits per user (or key) for this model, on top of their own", {
+            "fields": ("requests_per_minute", "tokens_per_day", "parallel_streams")}),
+    )
 
 
 @admin.action(description="Export selected rows as CSV")

@@ -124,6 +124,14 @@ class Limiter:
             except ValueError:
                 pass
 
+    async def refund(self, subject: str, limits: Limits) -> None:
+        """Take back an allowed request that another limit then refused."""
+        now = self.clock()
+        await self._undo([self._key(subject, "req", window, now) for window, limit in (
+            ("minute", limits.requests_per_minute), ("hour", limits.requests_per_hour),
+            ("day", limits.requests_per_day)) if limit is not None])
+        await self.release(subject, limits, 0)
+
     async def release(self, subject: str, limits: Limits, tokens: int) -> None:
         """The request ended: free its parallel slot and count its tokens."""
         if limits.parallel_streams is not None:

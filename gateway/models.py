@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -70,9 +71,20 @@ class ModelOverlay(models.Model):
     external_model = models.CharField(max_length=200, blank=True, help_text="The model name at the provider.")
     external_key_env = models.CharField(max_length=100, blank=True,
                                         help_text="Environment variable (or NAME_FILE) holding the provider key.")
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Per user (or key) for this model, on top of their own limits.")
+    tokens_per_day = models.PositiveIntegerField(null=True, blank=True, help_text="Per user (or key) for this model.")
+    parallel_streams = models.PositiveIntegerField(null=True, blank=True,
+                                                   help_text="Per user (or key) for this model.")
 
     def __str__(self) -> str:
         return self.display_name or self.model_id
+
+    def clean(self) -> None:
+        if self.external_model and not self.external_base_url:
+            raise ValidationError({"external_base_url": "An external model needs the provider's base URL."})
+        if self.external_key_env and not self.external_key_env.replace("_", "").isalnum():
+            raise ValidationError({"external_key_env": "An environment variable name: letters, digits and _."})
 
     @property
     def is_external(self) -> bool:

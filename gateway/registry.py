@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from django.conf import settings
 
 from gateway.errors import ApiError
+from gateway.external import Provider
+from gateway.limits import Limits
 from gateway.models import ApiKey, ModelOverlay
 from hpcbridge.client import BridgeError
 from hpcbridge.registry import get_bridge
@@ -28,6 +30,9 @@ class ModelEntry:
     display_name: str = ""
     description: str = ""
     group_ids: Tuple[int, ...] = ()
+    provider: Optional[Provider] = None  # an external OpenAI-compatible provider instead of a platform
+    limits: Optional[Limits] = None  # per user (or key) for this model, from the overlay
+    limits_id: str = ""
 
     def as_openai(self) -> Dict[str, Any]:
         return {"id": self.id, "object": "model", "created": 0, "owned_by": self.platform,
@@ -62,10 +67,18 @@ async def all_models() -> Dict[str, ModelEntry]:
         if not overlay.enabled:
             entries.pop(overlay.model_id, None)
             continue
+        if overlay.is_external:
+            entry = entries[overlay.model_id] = ModelEntry(overlay.model_id, "external", "ready", instances=1)
+            entry.provider = Provider(overlay.model_id, overlay.external_base_url,
+                                      overlay.external_model or overlay.model_id, overlay.external_key_env)
         if entry is None:
             continue
         entry.display_name, entry.description = overlay.display_name, overlay.description
         entry.group_ids = tuple(g.pk for g in overlay.groups.all())
+        if overlay.requests_per_minute or overlay.tokens_per_day or overlay.parallel_streams:
+            entry.limits = Limits(requests_per_minute=overlay.requests_per_minute,
+                                  tokens_per_day=overlay.tokens_per_day, parallel_streams=overlay.parallel_streams)
+            entry.limits_id = f"m{overlay.pk}"
     return entries
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Dict, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -20,7 +20,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from gateway import metrics, registry
+from gateway import external, metrics, registry
 from gateway.errors import ApiError
 from gateway.keys import api_key_authenticate, api_key_touch
 from gateway.limits import Limiter, Limits, limits_for
@@ -105,9 +105,9 @@ class Accounting:
     """What one request leaves behind: a usage row (no content) and its limiter slot released."""
 
     def __init__(self, user: AbstractBaseUser, key: Optional[ApiKey], model: str, kind: str, stream: bool,
-                 subject: str, limits: Limits) -> None:
+                 slots: List[Tuple[str, Limits]]) -> None:
         self.user, self.key, self.model, self.kind, self.stream = user, key, model, kind, stream
-        self.subject, self.limits = subject, limits
+        self.slots = slots  # (subject, limits) pairs this request holds
         self.started = time.monotonic()
         self.status = 0
         self.prompt_tokens = self.completion_tokens = 0
@@ -131,7 +131,8 @@ class Accounting:
             metrics.TOKENS.labels(self.model, "prompt").inc(self.prompt_tokens)
         if self.completion_tokens:
             metrics.TOKENS.labels(self.model, "completion").inc(self.completion_tokens)
-        await limiter.release(self.subject, self.limits, self.prompt_tokens + self.completion_tokens)
+        for subject, limits in self.slots:
+            await limiter.release(subject, limits, self.prompt_tokens + self.completion_tokens)
         await UsageRecord.objects.acreate(
             user=self.user, api_key=self.key, model=self.model, endpoint=self.kind, status=status,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, streamed=self.stream,
@@ -150,12 +151,24 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
         subject = subject_of(user, key)
         decision = await limiter.acquire(subject, limits)
         rate_headers = decision.headers
+        slots = [(subject, limits)]
+        if decision.allowed and entry.limits is not None:
+            # The model's own, usually stricter, limits (an external provider's quota, say).
+            model_subject = f"{subject}:{entry.limits_id}"
+            model_decision = await limiter.acquire(model_subject, entry.limits)
+            if model_decision.allowed:
+                slots.append((model_subject, entry.limits))
+            else:
+                await limiter.refund(subject, limits)
+                decision = model_decision
+                decision.reason += f" for {entry.id}"
+                rate_headers = model_decision.headers
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(kind).inc()
             raise ApiError(429, f"Rate limit reached: {decision.reason}. Retry after {decision.retry_after:.0f}s.",
                            code="rate_limit_exceeded", retry_after=decision.retry_after)
-        response = await forward(entry.platform, kind, data, Accounting(user, key, entry.id, kind,
-                                                                        bool(data.get("stream")), subject, limits))
+        acct = Accounting(user, key, entry.id, kind, bool(data.get("stream")), slots)
+        response = await forward(entry, kind, data, request.body, acct)
     except ApiError as exc:
         if exc.status in (400, 401, 403, 404, 405, 413):
             metrics.REQUESTS.labels(kind, "-", str(exc.status)).inc()  # model label not trusted here
@@ -165,16 +178,29 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
     return response
 
 
-async def forward(platform_name: str, kind: str, data: Dict[str, Any], acct: Accounting) -> HttpResponse:
-    stream = bool(data.get("stream"))
-    wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-    if stream and kind != "embeddings":
+def open_events(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw: bytes,
+                request_id: str) -> AsyncIterator[Any]:
+    """The upstream's events (Head, Progress, bytes): an HPC platform, or an external provider."""
+    if entry.provider is not None:
+        if entry.provider.model != data["model"]:
+            raw = json.dumps({**data, "model": entry.provider.model}).encode()
+        return external.stream(entry.provider, ENDPOINTS[kind], raw, request_id)
+    if data.get("stream") and kind != "embeddings":
         # Ask upstream for usage to count tokens; the client gets it only if it asked.
         data = {**data, "stream_options": {**(data.get("stream_options") or {}), "include_usage": True}}
-    request_id = uuid.uuid4().hex
+        raw = json.dumps(data).encode()
     headers = {"content-type": "application/json", "x-request-id": request_id}
-    events = get_bridge().get(platform_name).stream("POST", ENDPOINTS[kind], acct.model, headers,
-                                                    json.dumps(data).encode())
+    return get_bridge().get(entry.platform).stream("POST", ENDPOINTS[kind], entry.id, headers, raw)
+
+
+async def forward(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw: bytes,
+                  acct: Accounting) -> HttpResponse:
+    platform_name = entry.platform
+    stream = bool(data.get("stream"))
+    # An external provider's stream is passed on whole; ours drops the usage chunk we asked for.
+    wants_usage = bool((data.get("stream_options") or {}).get("include_usage")) or entry.provider is not None
+    request_id = uuid.uuid4().hex
+    events = open_events(entry, kind, data, raw, request_id)
     try:
         first = await events.__anext__()
         if isinstance(first, Progress):
@@ -195,6 +221,8 @@ async def forward(platform_name: str, kind: str, data: Dict[str, Any], acct: Acc
             resp = HttpResponse(body, status=first.status,
                                 content_type=first.headers.get("content-type", "application/json"))
             resp["x-request-id"] = request_id
+            if "retry-after" in first.headers:
+                resp["Retry-After"] = first.headers["retry-after"]
             return resp
     except BridgeError as exc:
         await acct.finish(exc.status)

@@ -34,6 +34,7 @@ class LiveApp:
     procs: List[subprocess.Popen] = field(default_factory=list)
     ports: List[int] = field(default_factory=list)
     db_name: str = ""
+    extra_env: Dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -54,6 +55,7 @@ class LiveApp:
                         "DB_HOST": "127.0.0.1"})
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
+        env.update(self.extra_env)
         return env
 
     def start(self) -> LiveApp:

@@ -8,6 +8,7 @@ once), slow:SECONDS (listen only after a delay, like a model loading).
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -44,7 +45,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/stub/stats":  # for the tests only: what the stub saw
             self._json(200, {"cancelled": self.server.cancelled, "requests": self.server.requests,
-                             "last_headers": self.server.last_headers})
+                             "last_headers": self.server.last_headers,
+                             "last_body_sha256": self.server.last_body_sha256})
         elif self.path == "/health":
             mode = os.environ.get("STUB_MODE", "ok")
             self.send_response(503 if mode == "never-ready" else 200)
@@ -65,6 +67,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         self.server.requests += 1
         self.server.last_headers = {k.lower(): v for k, v in self.headers.items()}
+        self.server.last_body_sha256 = hashlib.sha256(raw).hexdigest()
         if not self._authorized():
             return
         if self.path not in ("/v1/chat/completions", "/v1/completions"):
@@ -74,6 +77,18 @@ class Handler(BaseHTTPRequestHandler):
             req = json.loads(raw)
         except ValueError:
             self._json(400, {"error": {"message": "bad json", "type": "BadRequestError", "code": 400}})
+            return
+        if req.get("stub_status"):  # an upstream error, as vLLM words them
+            status = int(req["stub_status"])
+            body = json.dumps({"error": {"message": f"stub error {status}", "type": "BadRequestError",
+                                         "param": "stub_status", "code": status}}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if status == 429:
+                self.send_header("Retry-After", "7")
+            self.end_headers()
+            self.wfile.write(body)
             return
         words = ["The", " capital", " of", " France", " is", " Paris", "."]
         delay = float(req.get("stub_delay", 0))
@@ -128,6 +143,7 @@ def main():
     server.cancelled = 0
     server.requests = 0
     server.last_headers = {}
+    server.last_body_sha256 = ""
     print(f"stub: serving {args.model} on port {args.port}", flush=True)
     server.serve_forever()
 

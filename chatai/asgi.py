@@ -1,10 +1,146 @@
-"""ASGI entry point for daphne: ``daphne chatai.asgi:application``."""
+"""ASGI entry point for daphne: ``daphne chatai.asgi:application``.
+
+/v1, the OpenAI-compatible API, is served by ``ApiApp``: a lean ASGI front for the gateway's
+async views, without Django's per-request machinery. On ASGI, Django's handler starts and
+joins a thread for every request (request signals, response close) and every sync-style
+middleware costs two more thread hops; measured, that was most of the gateway's added
+latency. The API authenticates itself (API key, or the session plus a CSRF check: see
+gateway.caller), manages its database connections in its worker threads, keeps request
+bodies in memory only (never spooled to a temporary file) and sets its own headers.
+Everything else (pages, admin, login, /metrics) goes through Django's full stack.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatai.settings")
-application = get_asgi_application()
+site = get_asgi_application()  # sets Django up: imports below need it
+
+from django.conf import settings  # noqa: E402
+from django.core.exceptions import DisallowedHost  # noqa: E402
+from django.core.handlers.asgi import ASGIRequest  # noqa: E402
+from django.http import HttpResponseBase  # noqa: E402
+
+from gateway.errors import ApiError  # noqa: E402
+from gateway.urls import route  # noqa: E402
+
+log = logging.getLogger("chatai.api")
+API_HEADERS = [(b"X-Content-Type-Options", b"nosniff"), (b"Referrer-Policy", b"same-origin")]
+Send = Callable[[Dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[Dict[str, Any]]]
+
+
+class Disconnected(Exception):
+    pass
+
+
+class ApiApp:
+    """/v1 only: read the body (bounded, in memory), call the view, send the response."""
+
+    async def __call__(self, scope: Dict[str, Any], receive: Receive, send: Send) -> None:
+        try:
+            body = await self.read_body(scope, receive)
+        except Disconnected:
+            return
+        except ApiError as exc:
+            await self.send_response(exc.response(), send, receive)
+            return
+        request = ASGIRequest(scope, _Body(body))
+        request._body = body  # type: ignore[attr-defined]  # what request.body returns, no re-read
+        try:
+            request.get_host()  # ALLOWED_HOSTS, as Django's CommonMiddleware would check it
+            view, kwargs = route(request.path_info[len("/v1/"):])
+            response = await view(request, **kwargs)
+        except DisallowedHost:
+            response = ApiError(400, "Invalid Host header.", code="invalid_host").response()
+        except Exception as exc:  # noqa: BLE001 - never a traceback, never a body to the client
+            log.exception("api: unhandled %s on %s", type(exc).__name__, request.path)
+            response = ApiError(500, "The server had an error while processing your request.",
+                                code="internal_error").response()
+        await self.send_response(response, send, receive)
+
+    async def read_body(self, scope: Dict[str, Any], receive: Receive) -> bytes:
+        limit = settings.GATEWAY_MAX_BODY
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        too_large = ApiError(413, f"Request body larger than {limit} bytes.", code="payload_too_large")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        parts: List[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    async def send_response(self, response: HttpResponseBase, send: Send, receive: Receive) -> None:
+        headers: List[Tuple[bytes, bytes]] = [(k.encode("ascii"), v.encode("latin1")) for k, v in response.items()]
+        headers += [h for h in API_HEADERS if not response.has_header(h[0].decode())]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        if not response.streaming:
+            await send({"type": "http.response.body", "body": response.content})
+            return
+        # Forward each part the moment it exists; a client that goes away cancels the stream
+        # (and with it the upstream request) instead of leaving it to run.
+        content = response.__aiter__()  # type: ignore[attr-defined]
+        watcher = asyncio.ensure_future(self.wait_disconnect(receive))
+        try:
+            while True:
+                step = asyncio.ensure_future(content.__anext__())
+                done, _ = await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if step not in done:
+                    step.cancel()
+                    await asyncio.gather(step, return_exceptions=True)
+                    return
+                try:
+                    part = step.result()
+                except StopAsyncIteration:
+                    break
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body"})
+        finally:
+            watcher.cancel()
+            close: Optional[Callable[[], Awaitable[None]]] = getattr(content, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def wait_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+class _Body:
+    """The request body for ASGIRequest, already in memory (never a temporary file)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: int = -1) -> bytes:
+        data, self.data = (self.data, b"") if size < 0 else (self.data[:size], self.data[size:])
+        return data
+
+    def close(self) -> None:
+        self.data = b""
+
+
+def router(site: Any, api: Any) -> Callable[..., Awaitable[None]]:
+    async def application(scope: Dict[str, Any], receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        await (api if path == "/v1" or path.startswith("/v1/") else site)(scope, receive, send)
+
+    return application
+
+
+application = router(site, ApiApp())

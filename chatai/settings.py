@@ -81,7 +81,8 @@ if env("DB_ENGINE", "sqlite") == "postgresql":
             "PASSWORD": env("DB_PASSWORD"),
             "HOST": env("DB_HOST", "127.0.0.1"),
             "PORT": env("DB_PORT", "5432"),
-            "CONN_MAX_AGE": envint("DB_CONN_MAX_AGE", 60),
+            "CONN_MAX_AGE": envint("DB_CONN_MAX_AGE", 600),
+            "CONN_HEALTH_CHECKS": True,  # a connection PostgreSQL dropped is replaced, not reused
         }
     }
 else:
@@ -90,6 +91,10 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": env("DB_NAME", str(DATA_DIR / "chatai.sqlite3")),
+            "CONN_MAX_AGE": None,  # one connection per worker thread, kept (opening one costs milliseconds)
+            # WAL: readers never wait for the writer, and a commit is not an fsync.
+            "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                        "transaction_mode": "IMMEDIATE", "timeout": 20},
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -153,6 +158,8 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY + 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY + 1024
 # How long /v1/models answers from the platforms are reused.
 GATEWAY_MODELS_TTL = envint("GATEWAY_MODELS_TTL", 5)
+# Seconds an edited rate-limit policy or group membership takes to apply (they are cached in each worker).
+GATEWAY_POLICY_TTL = envint("GATEWAY_POLICY_TTL", 5)
 # Limits for users with no policy (None: unlimited).
 GATEWAY_DEFAULT_LIMITS = {
     "requests_per_minute": envint("LIMIT_REQUESTS_PER_MINUTE", 120),

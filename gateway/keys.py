@@ -6,10 +6,12 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
-from typing import Optional, Sequence
+import time
+from typing import Dict, Optional, Sequence, Tuple
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.db import connection
 from django.utils import timezone
 
 from gateway.models import ApiKey
@@ -41,15 +43,54 @@ def split_key(raw: str) -> Optional[tuple[str, str]]:
     return prefix, secret
 
 
-async def api_key_authenticate(raw: str) -> Optional[ApiKey]:
-    """The active key for ``raw``, or None (unknown, wrong secret, revoked or expired: all look alike)."""
+_keys: Dict[str, Tuple[float, ApiKey]] = {}
+
+
+def _state_sql() -> str:
+    q = connection.ops.quote_name
+    key_table, user_model = ApiKey._meta.db_table, ApiKey._meta.get_field("user").related_model
+    user_table, user_pk = user_model._meta.db_table, user_model._meta.pk.column  # type: ignore[union-attr]
+    # Identifiers come from the models' metadata, quoted; the one value is a parameter.
+    return (f"SELECT {q(key_table)}.{q('revoked_at')} IS NULL, {q(user_table)}.{q('is_active')} "  # noqa: S608
+            f"FROM {q(key_table)} JOIN {q(user_table)} ON {q(user_table)}.{q(user_pk)} = "
+            f"{q(key_table)}.{q(ApiKey._meta.get_field('user').column)} WHERE {q(key_table)}.{q('id')} = %s")
+
+
+def _fetch(prefix: str) -> Optional[ApiKey]:
+    """The key with its user. The object is kept for GATEWAY_POLICY_TTL seconds; what must apply
+    at once (revocation, deletion, a disabled account) is re-read on every call with one plain query."""
+    now = time.monotonic()
+    cached = _keys.get(prefix)
+    if cached is not None and cached[0] > now:
+        key = cached[1]
+        with connection.cursor() as cursor:
+            cursor.execute(_state_sql(), [key.pk])
+            row = cursor.fetchone()
+        if row is None:
+            _keys.pop(prefix, None)
+            return None
+        if not row[0] and key.revoked_at is None:
+            key.revoked_at = timezone.now()
+        key.user.is_active = bool(row[1])
+        return key
+    try:
+        key = ApiKey.objects.select_related("user").get(prefix=prefix)
+    except ApiKey.DoesNotExist:
+        return None
+    if len(_keys) > 100_000:
+        _keys.clear()
+    _keys[prefix] = (now + settings.GATEWAY_POLICY_TTL, key)
+    return key
+
+
+def api_key_authenticate(raw: str) -> Optional[ApiKey]:
+    """The key for ``raw`` with its user, or None (unknown or wrong secret: both look alike). Sync."""
     parts = split_key(raw)
     if parts is None:
         return None
     prefix, secret = parts
-    try:
-        key = await ApiKey.objects.select_related("user").aget(prefix=prefix)
-    except ApiKey.DoesNotExist:
+    key = _fetch(prefix)
+    if key is None:
         hash_secret(secret)  # the same work as a hit, so timing does not tell prefixes apart
         return None
     if not hmac.compare_digest(key.secret_hash, hash_secret(secret)):
@@ -57,12 +98,12 @@ async def api_key_authenticate(raw: str) -> Optional[ApiKey]:
     return key
 
 
-async def api_key_touch(key: ApiKey) -> None:
-    """Record last use, written at most once a minute per key."""
+def api_key_touch(key: ApiKey) -> None:
+    """Record last use, written at most once a minute per key. Sync."""
     now = timezone.now()
     if key.last_used_at is None or now - key.last_used_at >= LAST_USED_EVERY:
         key.last_used_at = now
-        await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=now)
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
 
 
 def api_key_revoke(key: ApiKey) -> None:

@@ -8,15 +8,19 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from django.conf import settings
+from django.db import close_old_connections
 
+from gateway.caller import Caller
 from gateway.errors import ApiError
 from gateway.external import Provider
 from gateway.limits import Limits
-from gateway.models import ApiKey, ModelOverlay
+from gateway.models import ModelOverlay
+from gateway.threads import in_thread
 from hpcbridge.client import BridgeError
 from hpcbridge.registry import get_bridge
 
 _cache: Dict[str, Tuple[float, List[Dict[str, Any]]]] = {}
+_overlays: Optional[Tuple[float, List[ModelOverlay]]] = None
 
 
 @dataclass
@@ -55,6 +59,20 @@ async def platform_models(name: str) -> List[Dict[str, Any]]:
     return models
 
 
+def _load_overlays() -> List[ModelOverlay]:
+    close_old_connections()
+    return list(ModelOverlay.objects.prefetch_related("groups"))
+
+
+async def overlays() -> List[ModelOverlay]:
+    """The admin overlay, re-read at most every GATEWAY_MODELS_TTL seconds (like the platforms' lists)."""
+    global _overlays
+    now = time.monotonic()
+    if _overlays is None or _overlays[0] <= now:
+        _overlays = (now + settings.GATEWAY_MODELS_TTL, await in_thread(_load_overlays))
+    return _overlays[1]
+
+
 async def all_models() -> Dict[str, ModelEntry]:
     entries: Dict[str, ModelEntry] = {}
     for name in get_bridge().platforms:
@@ -62,7 +80,7 @@ async def all_models() -> Dict[str, ModelEntry]:
             entries.setdefault(m["id"], ModelEntry(m["id"], name, str(m.get("status", "offline")),
                                                    int(m.get("demand") or 0), int(m.get("instances") or 0),
                                                    m.get("max_model_len")))
-    async for overlay in ModelOverlay.objects.prefetch_related("groups"):
+    for overlay in await overlays():
         entry = entries.get(overlay.model_id)
         if not overlay.enabled:
             entries.pop(overlay.model_id, None)
@@ -82,33 +100,30 @@ async def all_models() -> Dict[str, ModelEntry]:
     return entries
 
 
-async def user_group_ids(user: Any) -> set[int]:
-    return {pk async for pk in user.groups.values_list("pk", flat=True)}
-
-
-def may_use(entry: ModelEntry, groups: set[int], user: Any, key: Optional[ApiKey]) -> bool:
-    if key is not None and not key.allows(entry.id):
+def may_use(entry: ModelEntry, caller: Caller) -> bool:
+    if caller.key is not None and not caller.key.allows(entry.id):
         return False
-    return not entry.group_ids or user.is_superuser or bool(groups & set(entry.group_ids))
+    return not entry.group_ids or caller.user.is_superuser or bool(caller.group_ids & set(entry.group_ids))
 
 
-async def visible_models(user: Any, key: Optional[ApiKey]) -> List[ModelEntry]:
-    groups = await user_group_ids(user)
-    return [e for e in (await all_models()).values() if may_use(e, groups, user, key)]
+async def visible_models(caller: Caller) -> List[ModelEntry]:
+    return [e for e in (await all_models()).values() if may_use(e, caller)]
 
 
-async def resolve(model: str, user: Any, key: Optional[ApiKey]) -> ModelEntry:
+async def resolve(model: str, caller: Caller) -> ModelEntry:
     entry = (await all_models()).get(model)
     if entry is None:
         raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
-    if not may_use(entry, await user_group_ids(user), user, key):
+    if not may_use(entry, caller):
         raise ApiError(403, f"You are not allowed to use the model `{model}`.", code="model_not_allowed",
                        param="model")
     return entry
 
 
 def clear_cache() -> None:
+    global _overlays
     _cache.clear()
+    _overlays = None
 
 
 def note_ready(platform: str, model: str) -> None:

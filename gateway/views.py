@@ -11,52 +11,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Tuple
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
-from django.core.cache import cache
+from django.core.cache import caches
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.middleware.csrf import CsrfViewMiddleware
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from gateway import external, metrics, registry
+from gateway.caller import Caller, caller_of
 from gateway.errors import ApiError
-from gateway.keys import api_key_authenticate, api_key_touch
-from gateway.limits import Limiter, Limits, limits_for
-from gateway.models import ApiKey, UsageRecord
+from gateway.limits import Limiter, Limits
+from gateway.usage import writer
 from hpcbridge.client import BridgeError, Head, Progress
 from hpcbridge.registry import get_bridge
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
-limiter = Limiter(cache)
-
-
-async def authenticate(request: HttpRequest) -> Tuple[AbstractBaseUser, Optional[ApiKey]]:
-    header = request.headers.get("Authorization", "")
-    if header:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "The Authorization header must be 'Bearer <API key>'.", code="invalid_api_key")
-        key = await api_key_authenticate(token.strip())
-        if key is None:
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        if not key.is_active():
-            raise ApiError(401, "This API key has expired or was revoked.", code="invalid_api_key")
-        if not key.user.is_active:
-            raise ApiError(401, "The account of this API key is disabled.", code="invalid_api_key")
-        await api_key_touch(key)
-        return key.user, key
-    user = await request.auser()
-    if user.is_authenticated:
-        # The chat page uses the same endpoints with its session: it must prove it is our page.
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            failure = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {})
-            if failure is not None:
-                raise ApiError(403, "CSRF verification failed.", code="csrf_failed")
-        return user, None
-    raise ApiError(401, "You didn't provide an API key. Use 'Authorization: Bearer <API key>'.",
-                   code="missing_api_key")
+limiter = Limiter(caches["default"])
 
 
 def parse_body(request: HttpRequest, kind: str) -> Dict[str, Any]:
@@ -97,16 +69,11 @@ def bridge_error(exc: BridgeError) -> ApiError:
     return ApiError(exc.status, exc.message, code=exc.code, retry_after=exc.retry_after)
 
 
-def subject_of(user: AbstractBaseUser, key: Optional[ApiKey]) -> str:
-    return f"k{key.pk}" if key is not None else f"u{user.pk}"
-
-
 class Accounting:
     """What one request leaves behind: a usage row (no content) and its limiter slot released."""
 
-    def __init__(self, user: AbstractBaseUser, key: Optional[ApiKey], model: str, kind: str, stream: bool,
-                 slots: List[Tuple[str, Limits]]) -> None:
-        self.user, self.key, self.model, self.kind, self.stream = user, key, model, kind, stream
+    def __init__(self, caller: Caller, model: str, kind: str, stream: bool, slots: List[Tuple[str, Limits]]) -> None:
+        self.user, self.key, self.model, self.kind, self.stream = caller.user, caller.key, model, kind, stream
         self.slots = slots  # (subject, limits) pairs this request holds
         self.started = time.monotonic()
         self.status = 0
@@ -133,10 +100,11 @@ class Accounting:
             metrics.TOKENS.labels(self.model, "completion").inc(self.completion_tokens)
         for subject, limits in self.slots:
             await limiter.release(subject, limits, self.prompt_tokens + self.completion_tokens)
-        await UsageRecord.objects.acreate(
-            user=self.user, api_key=self.key, model=self.model, endpoint=self.kind, status=status,
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, streamed=self.stream,
-            duration_ms=int((time.monotonic() - self.started) * 1000))
+        writer.add({
+            "user_id": self.user.pk, "api_key_id": self.key.pk if self.key is not None else None,
+            "model": self.model, "endpoint": self.kind, "status": status, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "streamed": self.stream,
+            "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": timezone.now()})
 
 
 async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
@@ -144,11 +112,10 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
     try:
         if request.method != "POST":
             raise ApiError(405, f"{ENDPOINTS[kind]} takes POST.", code="method_not_allowed")
-        user, key = await authenticate(request)
+        caller = await caller_of(request)
         data = parse_body(request, kind)
-        entry = await registry.resolve(data["model"], user, key)
-        limits = await limits_for(user, key)
-        subject = subject_of(user, key)
+        entry = await registry.resolve(data["model"], caller)
+        limits, subject = caller.limits, caller.subject
         decision = await limiter.acquire(subject, limits)
         rate_headers = decision.headers
         slots = [(subject, limits)]
@@ -167,7 +134,7 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
             metrics.RATE_LIMITED.labels(kind).inc()
             raise ApiError(429, f"Rate limit reached: {decision.reason}. Retry after {decision.retry_after:.0f}s.",
                            code="rate_limit_exceeded", retry_after=decision.retry_after)
-        acct = Accounting(user, key, entry.id, kind, bool(data.get("stream")), slots)
+        acct = Accounting(caller, entry.id, kind, bool(data.get("stream")), slots)
         response = await forward(entry, kind, data, request.body, acct)
     except ApiError as exc:
         if exc.status in (400, 401, 403, 404, 405, 413):
@@ -314,8 +281,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
 
 async def models(request: HttpRequest) -> HttpResponse:
     try:
-        user, key = await authenticate(request)
-        data = [e.as_openai() for e in await registry.visible_models(user, key)]
+        data = [e.as_openai() for e in await registry.visible_models(await caller_of(request))]
     except ApiError as exc:
         return exc.response()
     return JsonResponse({"object": "list", "data": data})
@@ -323,8 +289,7 @@ async def models(request: HttpRequest) -> HttpResponse:
 
 async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
     try:
-        user, key = await authenticate(request)
-        entry = await registry.resolve(model, user, key)
+        entry = await registry.resolve(model, await caller_of(request))
     except ApiError as exc:
         return exc.response()
     return JsonResponse(entry.as_openai())

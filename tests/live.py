@@ -35,6 +35,7 @@ class LiveApp:
     ports: List[int] = field(default_factory=list)
     db_name: str = ""
     extra_env: Dict[str, str] = field(default_factory=dict)
+    services: str = ""  # [service:...] sections instead of the two test stubs
 
     @property
     def url(self) -> str:
@@ -49,7 +50,8 @@ class LiveApp:
         env.update({"CHATAI_DATA_DIR": str(self.dir / "var"), "SECRET_KEY": "test-secret-key-" + "x" * 40,
                     "HPC_PLATFORMS": json.dumps([{"name": "local", "transport": "local",
                                                   "hpcside_config": str(self.dir / "services.ini")}]),
-                    "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
+                    "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
+                    "GATEWAY_POLICY_TTL": "0"})  # tests edit policies and expect them at once
         if self.db == "postgresql":
             env.update({"DB_ENGINE": "postgresql", "DB_NAME": self.db_name, "DB_USER": "postgres",
                         "DB_HOST": "127.0.0.1"})
@@ -70,7 +72,7 @@ bind_host = 127.0.0.1
 endpoint_host = 127.0.0.1
 hold_timeout = 30s
 
-[service:stub]
+""" + (self.services or f"""[service:stub]
 model = stub-model
 template = {SUPPORT / 'stub.sh'}
 model_path = {SUPPORT / 'stub_vllm.py'}
@@ -86,7 +88,7 @@ model_path = {SUPPORT / 'stub_vllm.py'}
 min_instances = 0
 walltime = 1h
 renewal_margin = 5m
-""")
+"""))
         if self.db == "postgresql":
             self.db_name = f"chatai_live_{os.getpid()}_{free_port()}"
             subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {self.db_name}"],

@@ -1,12 +1,17 @@
-"""The limiter's decisions with a swappable clock (no sleeping), on a real cache backend."""
+"""The limiter's decisions with a swappable clock (no sleeping), in process and on the real Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
+import pytest
 from django.core.cache.backends.locmem import LocMemCache
+from django.core.cache.backends.redis import RedisCache
 
 from gateway.limits import Limiter, Limits
+
+pytestmark = pytest.mark.parametrize("backend", ["local", "redis"])
 
 
 class Clock:
@@ -17,13 +22,17 @@ class Clock:
         return self.now
 
 
-def fresh() -> tuple[Limiter, Clock]:
+def fresh(backend: str) -> tuple[Limiter, Clock]:
     clock = Clock(1_800_000_000.0)  # the start of a minute
-    return Limiter(LocMemCache("limits-test", {}), clock=clock), clock
+    if backend == "local":
+        return Limiter(LocMemCache("limits-test", {}), clock=clock), clock
+    # A fresh key prefix per test: the counters of earlier runs cannot interfere.
+    cache = RedisCache("redis://127.0.0.1:6379/14", {"KEY_PREFIX": uuid.uuid4().hex})
+    return Limiter(cache, clock=clock), clock
 
 
-def test_requests_per_minute_reset_with_the_next_window() -> None:
-    limiter, clock = fresh()
+def test_requests_per_minute_reset_with_the_next_window(backend: str) -> None:
+    limiter, clock = fresh(backend)
     limits = Limits(requests_per_minute=2)
 
     async def go() -> list[bool]:
@@ -35,8 +44,8 @@ def test_requests_per_minute_reset_with_the_next_window() -> None:
     assert asyncio.run(go()) == [True, True, False, True]
 
 
-def test_a_refused_request_is_not_counted_and_says_when_to_retry() -> None:
-    limiter, clock = fresh()
+def test_a_refused_request_is_not_counted_and_says_when_to_retry(backend: str) -> None:
+    limiter, clock = fresh(backend)
     limits = Limits(requests_per_minute=1, requests_per_hour=10)
 
     async def go() -> None:
@@ -49,13 +58,13 @@ def test_a_refused_request_is_not_counted_and_says_when_to_retry() -> None:
         ok = await limiter.acquire("k", limits)
         assert ok.allowed
         # The hour window counted 2 requests, not 3: the refused one was undone.
-        assert await limiter.cache.aget(limiter._key("k", "req", "hour", clock.now)) == 2
+        assert limiter.cache.get(limiter._key("k", "req", "hour", clock.now)) == 2
 
     asyncio.run(go())
 
 
-def test_parallel_streams_are_released() -> None:
-    limiter, _ = fresh()
+def test_parallel_streams_are_released(backend: str) -> None:
+    limiter, _ = fresh(backend)
     limits = Limits(parallel_streams=1)
 
     async def go() -> None:
@@ -67,8 +76,8 @@ def test_parallel_streams_are_released() -> None:
     asyncio.run(go())
 
 
-def test_tokens_per_minute_refuse_once_spent() -> None:
-    limiter, clock = fresh()
+def test_tokens_per_minute_refuse_once_spent(backend: str) -> None:
+    limiter, clock = fresh(backend)
     limits = Limits(tokens_per_minute=100)
 
     async def go() -> None:
@@ -82,8 +91,8 @@ def test_tokens_per_minute_refuse_once_spent() -> None:
     asyncio.run(go())
 
 
-def test_subjects_do_not_share_counters() -> None:
-    limiter, _ = fresh()
+def test_subjects_do_not_share_counters(backend: str) -> None:
+    limiter, _ = fresh(backend)
     limits = Limits(requests_per_minute=1)
 
     async def go() -> list[bool]:

@@ -174,8 +174,11 @@ def test_rate_limits_give_429_with_retry_after_and_headers(app: LiveApp) -> None
 
 def test_usage_is_recorded_without_content(app: LiveApp, client: openai.OpenAI) -> None:
     client.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "canary-usage-4711"}])
-    out = app.shell("from gateway.models import UsageRecord\n"
-                    "r = UsageRecord.objects.filter(model='stub-model', status=200).first()\n"
+    out = app.shell("import time\nfrom gateway.models import UsageRecord\n"
+                    "for _ in range(50):\n"  # rows are written in batches, every half second
+                    "    r = UsageRecord.objects.filter(model='stub-model', status=200).first()\n"
+                    "    if r: break\n"
+                    "    time.sleep(0.1)\n"
                     "print(r.prompt_tokens, r.completion_tokens, r.endpoint, r.user.username)")
     prompt, completion, endpoint, user = out.strip().splitlines()[-1].split()
     assert int(prompt) > 0 and int(completion) > 0 and endpoint == "chat" and user == "alice"

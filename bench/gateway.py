@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""Benchmark the whole gateway path (not a test), side by side in one run on this machine.
+
+  direct    the fast backend (bench/fast_backend.py) called directly: the floor
+  gateway   our path: daphne -> gateway (key, limits, registry, accounting) -> hpcbridge
+            (local transport) -> hpcside router -> an instance of the same fast backend,
+            started by hpcside's local launcher; one daphne process
+  litellm   a LiteLLM proxy (1 worker, no database, its master key as the API key: its
+            fastest set-up that still checks a key)
+            in front of the same backend
+
+Plain requests are driven by wrk (requests/s, p50, p99); streaming time to first byte is
+measured by an asyncio client at concurrency 8 (time from sending the request to the first
+``data:`` event). "added" is a target's figure minus direct's. Each figure is the median of
+--repeat runs. Writes bench/results/gateway.json. Installs wrk (apt) and LiteLLM (its own
+venv, bench/.venv-litellm) if they are missing.
+
+    .venv/bin/python bench/gateway.py [--seconds 10] [--repeat 3] [--concurrency 1,8,64]
+                                      [--db sqlite|postgresql] [--redis] [--no-litellm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform as pyplatform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.harness.accounts import stop_process_group  # noqa: E402
+from tests.harness.slurm import free_port  # noqa: E402
+from tests.live import SUPPORT, LiveApp  # noqa: E402
+
+LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
+BACKEND_TOKEN = "bench-backend-token"  # noqa: S105 - a loopback stub's token
+MODEL = "bench-model"
+LITELLM_KEY = "sk-bench-0123456789abcdef0123456789abcdef"  # noqa: S105 - its master key, on loopback
+
+
+def step(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def wait_http(url: str, timeout: float, what: str, headers: Optional[Dict[str, str]] = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            urllib.request.urlopen(req, timeout=5).close()  # noqa: S310 - loopback
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s") from None
+            time.sleep(0.3)
+
+
+def ensure_tools(litellm: bool) -> None:
+    if not shutil.which("wrk"):
+        step("installing wrk (apt)")
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "wrk"], check=True,
+                       stdout=subprocess.DEVNULL)
+    if litellm and not (LITELLM_VENV / "bin" / "litellm").exists():
+        step(f"installing litellm[proxy] into {LITELLM_VENV} (a few minutes)")
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+
+
+def start_backend(port: int) -> subprocess.Popen:  # type: ignore[type-arg]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fast_backend.py"), "--port", str(port),
+                             "--model", MODEL], env={**os.environ, "VLLM_API_KEY": BACKEND_TOKEN},
+                            stdout=subprocess.DEVNULL, start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/health", 15, "the fast backend")
+    return proc
+
+
+def start_gateway(db: str, redis: bool) -> tuple[LiveApp, str]:
+    services = f"""[service:bench]
+model = {MODEL}
+template = {SUPPORT / 'stub.sh'}
+model_path = {ROOT / 'bench' / 'fast_backend.py'}
+min_instances = 1
+idle_timeout = 1h
+walltime = 2h
+renewal_margin = 5m
+"""
+    app = LiveApp(db=db, redis_url="redis://127.0.0.1:6379/15" if redis else "", services=services,
+                  extra_env={"LOG_LEVEL": "WARNING", "GATEWAY_POLICY_TTL": "5"}).start()
+    app.create_user("bench")
+    key = app.create_key("bench")
+    app.limit_key(key, parallel_streams=100000)  # a policy with no rate limits (the default has some)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = urllib.request.Request(f"{app.url}/v1/chat/completions", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=120).close()  # noqa: S310 - waits through the cold start
+    return app, key
+
+
+def start_litellm(backend_port: int, workdir: Path) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
+    port = free_port()
+    cfg = workdir / "litellm.yaml"
+    cfg.write_text(f"""model_list:
+  - model_name: {MODEL}
+    litellm_params:
+      model: openai/{MODEL}
+      api_base: http://127.0.0.1:{backend_port}/v1
+      api_key: {BACKEND_TOKEN}
+general_settings:
+  master_key: {LITELLM_KEY}
+litellm_settings:
+  telemetry: false
+""")
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"}
+    proc = subprocess.Popen([str(LITELLM_VENV / "bin" / "litellm"), "--config", str(cfg), "--host", "127.0.0.1",
+                             "--port", str(port), "--num_workers", "1"], env=env, cwd=workdir,
+                            stdout=open(workdir / "litellm.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/liveliness", 180, "LiteLLM")
+    except RuntimeError:
+        raise RuntimeError(f"LiteLLM did not start:\n{(workdir / 'litellm.log').read_text()[-3000:]}") from None
+    return proc, port
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(url: str, token: str, concurrency: int, seconds: int, workdir: Path) -> Dict[str, float]:
+    script = workdir / "post.lua"
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    script.write_text(f"""wrk.method = "POST"
+wrk.body = {json.dumps(body)}
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {token}"
+""")
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script),
+                          f"{url}/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    if errors or socket_errors:
+        found = [m.group(0) for m in (errors, socket_errors) if m]
+        print(f"    warning: {url}: {'; '.join(found)}")
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert m, out
+        return float(m.group(1)) * UNITS[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert rps, out
+    return {"rps": float(rps.group(1)), "p50_ms": pct("50"), "p99_ms": pct("99"),
+            "errors": int(errors.group(1)) if errors else 0}
+
+
+async def ttfb(url: str, token: str, concurrency: int, seconds: float) -> Dict[str, float]:
+    """Streaming: time from sending the request to the first ``data:`` event, on keep-alive connections."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    samples: List[float] = []
+    stop = time.monotonic() + seconds
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            writer.write(request)
+            buf = b""
+            while b"data: " not in buf:
+                data = await reader.read(65536)
+                if not data:
+                    raise RuntimeError(f"{url} closed the connection")
+                buf += data
+            samples.append(time.perf_counter() - started)
+            while not buf.endswith(b"0\r\n\r\n"):  # the rest of the chunked stream
+                data = await reader.read(65536)
+                if not data:
+                    raise RuntimeError(f"{url} closed the connection")
+                buf += data
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    samples.sort()
+    return {"ttfb_p50_ms": round(statistics.median(samples) * 1000, 2),
+            "ttfb_p99_ms": round(samples[max(0, int(len(samples) * 0.99) - 1)] * 1000, 2), "streams": len(samples)}
+
+
+def median_of(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    return {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    parser.add_argument("--redis", action="store_true", help="share limits through Redis (db 15)")
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gateway.json"))
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    ensure_tools(not args.no_litellm)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    procs: List[Any] = []
+    app: Optional[LiveApp] = None
+    try:
+        backend_port = free_port()
+        step("starting the fast backend")
+        procs.append(start_backend(backend_port))
+        targets = {"direct": (f"http://127.0.0.1:{backend_port}", BACKEND_TOKEN)}
+        step(f"starting the gateway (daphne, {args.db}{', redis' if args.redis else ''}) and its instance")
+        app, key = start_gateway(args.db, args.redis)
+        targets["gateway"] = (app.url, key)
+        if not args.no_litellm:
+            step("starting LiteLLM (1 worker)")
+            proc, port = start_litellm(backend_port, workdir)
+            procs.append(proc)
+            targets["litellm"] = (f"http://127.0.0.1:{port}", LITELLM_KEY)
+        results: Dict[str, Dict[str, Any]] = {name: {} for name in targets}
+        for name, (url, token) in targets.items():
+            wrk(url, token, 4, 2, workdir)  # warm up
+            for c in levels:
+                runs = []
+                for i in range(args.repeat):
+                    step(f"{name}: plain requests at concurrency {c}, run {i + 1}/{args.repeat} ({args.seconds}s)")
+                    runs.append(wrk(url, token, c, args.seconds, workdir))
+                results[name][f"c{c}"] = median_of(runs)
+            runs = []
+            for i in range(args.repeat):
+                step(f"{name}: streaming time to first byte at concurrency 8, run {i + 1}/{args.repeat}")
+                runs.append(asyncio.run(ttfb(url, token, 8, args.seconds)))
+            results[name]["stream_c8"] = median_of(runs)
+        added = {name: {
+            **{f"c{c}_p50_added_ms": round(r[f"c{c}"]["p50_ms"] - results["direct"][f"c{c}"]["p50_ms"], 2)
+               for c in levels},
+            "stream_c8_ttfb_added_ms": round(r["stream_c8"]["ttfb_p50_ms"]
+                                             - results["direct"]["stream_c8"]["ttfb_p50_ms"], 2),
+        } for name, r in results.items() if name != "direct"}
+        report = {"date": datetime.date.today().isoformat(), "command": " ".join([".venv/bin/python", *sys.argv]),
+                  "machine": f"{pyplatform.machine()}, {os.cpu_count()} cores, {pyplatform.platform()}",
+                  "python": pyplatform.python_version(), "db": args.db, "redis": args.redis,
+                  "results": results, "added": added}
+        if "litellm" in results:
+            report["gateway_vs_litellm_rps"] = {
+                f"c{c}": round(results["gateway"][f"c{c}"]["rps"] / results["litellm"][f"c{c}"]["rps"], 1)
+                for c in levels}
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print_table(results, added, levels)
+        print(f"\nwrote {args.out}")
+    finally:
+        for proc in procs:
+            stop_process_group(proc)
+        if app is not None:
+            app.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_table(results: Dict[str, Dict[str, Any]], added: Dict[str, Dict[str, float]], levels: List[int]) -> None:
+    print(f"\n{'target':<9} {'conc':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p50 added':>10}")
+    for name, r in results.items():
+        for c in levels:
+            row = r[f"c{c}"]
+            extra = f"{added[name][f'c{c}_p50_added_ms']:>10.2f}" if name in added else f"{'':>10}"
+            print(f"{name:<9} {c:>5} {row['rps']:>9.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} {extra}")
+    print(f"\n{'target':<9} {'stream TTFB p50 @8':>19} {'added':>8}")
+    for name, r in results.items():
+        extra = f"{added[name]['stream_c8_ttfb_added_ms']:>8.2f}" if name in added else ""
+        print(f"{name:<9} {r['stream_c8']['ttfb_p50_ms']:>19.2f} {extra}")
+
+
+if __name__ == "__main__":
+    main()

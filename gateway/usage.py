@@ -1,0 +1,86 @@
+"""Usage rows written in batches, off the request's path.
+
+A request's row (never content; the UsageRecord fields as a dict) is queued in memory and written with the others of the
+last half second in one ``bulk_create``: one thread hop and one transaction for many
+requests instead of one each. Rows still queued when the process exits are written by an
+``atexit`` hook; if the database is down, rows wait (at most MAX_PENDING) and are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+from typing import Any, Dict, List, Optional
+
+from django.db import close_old_connections
+
+from gateway.models import UsageRecord
+from gateway.threads import in_thread
+
+log = logging.getLogger("gateway.usage")
+FLUSH_EVERY = 0.5
+MAX_PENDING = 100_000
+
+
+class UsageWriter:
+    def __init__(self, flush_every: float = FLUSH_EVERY) -> None:
+        self.flush_every = flush_every
+        self.pending: List[Dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.scheduled: Optional[asyncio.Handle] = None
+        self.dropped = 0
+
+    def add(self, record: Dict[str, Any]) -> None:
+        with self.lock:
+            if len(self.pending) >= MAX_PENDING:
+                self.pending.pop(0)
+                self.dropped += 1
+            self.pending.append(record)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush_sync()
+            return
+        if self.scheduled is None:
+            self.scheduled = loop.call_later(self.flush_every, lambda: loop.create_task(self.flush()))
+
+    def _take(self) -> List[Dict[str, Any]]:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        return batch
+
+    def _write(self, batch: List[Dict[str, Any]]) -> None:
+        close_old_connections()
+        try:
+            UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)
+        except Exception as exc:  # the database is down: keep the rows for the next flush
+            log.warning("usage: could not write %d rows (%s); will retry", len(batch), type(exc).__name__)
+            with self.lock:
+                self.pending[:0] = batch[: max(0, MAX_PENDING - len(self.pending))]
+            raise
+
+    async def flush(self) -> None:
+        self.scheduled = None
+        batch = self._take()
+        if not batch:
+            return
+        try:
+            await in_thread(self._write, batch)
+        except Exception:  # noqa: BLE001 - logged in _write
+            loop = asyncio.get_running_loop()
+            if self.scheduled is None:
+                self.scheduled = loop.call_later(5.0, lambda: loop.create_task(self.flush()))
+
+    def flush_sync(self) -> None:
+        batch = self._take()
+        if batch:
+            try:
+                self._write(batch)
+            except Exception:  # noqa: BLE001 - nothing more can be done at exit
+                log.error("usage: %d rows lost at exit", len(batch))
+
+
+writer = UsageWriter()
+atexit.register(writer.flush_sync)

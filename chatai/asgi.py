@@ -22,6 +22,30 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatai.settings")
 site = get_asgi_application()  # sets Django up: imports below need it
 
+
+def _speed_up_twisted_content_type() -> None:
+    """Twisted parses every POST's Content-Type with the email package (to find form posts,
+    which daphne never uses): a sixth of the API's CPU, measured. JSON and SSE media types
+    are answered directly, with the same result; anything else goes to Twisted's parser."""
+    try:
+        from twisted.web import http
+    except ImportError:
+        return
+    original = getattr(http, "_parseContentType", None)
+    if original is None or getattr(original, "chatai_fast", False):
+        return
+    common = {b"application/json", b"text/event-stream", b"text/plain"}
+
+    def parse(line: bytes) -> bytes:
+        media = line.split(b";", 1)[0].strip().lower()
+        return media if media in common else original(line)
+
+    parse.chatai_fast = True  # type: ignore[attr-defined]
+    http._parseContentType = parse
+
+
+_speed_up_twisted_content_type()
+
 from django.conf import settings  # noqa: E402
 from django.core.exceptions import DisallowedHost  # noqa: E402
 from django.core.handlers.asgi import ASGIRequest  # noqa: E402
@@ -95,26 +119,22 @@ class ApiApp:
         # Forward each part the moment it exists; a client that goes away cancels the stream
         # (and with it the upstream request) instead of leaving it to run.
         content = response.__aiter__()  # type: ignore[attr-defined]
+        pump = asyncio.ensure_future(self.pump(content, send))
         watcher = asyncio.ensure_future(self.wait_disconnect(receive))
         try:
-            while True:
-                step = asyncio.ensure_future(content.__anext__())
-                done, _ = await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if step not in done:
-                    step.cancel()
-                    await asyncio.gather(step, return_exceptions=True)
-                    return
-                try:
-                    part = step.result()
-                except StopAsyncIteration:
-                    break
-                await send({"type": "http.response.body", "body": part, "more_body": True})
-            await send({"type": "http.response.body"})
+            await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            watcher.cancel()
+            for task in (pump, watcher):
+                task.cancel()
+            await asyncio.gather(pump, watcher, return_exceptions=True)
             close: Optional[Callable[[], Awaitable[None]]] = getattr(content, "aclose", None)
             if close is not None:
                 await close()
+
+    async def pump(self, content: Any, send: Send) -> None:
+        async for part in content:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body"})
 
     async def wait_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

@@ -66,6 +66,11 @@ class _Stream:
     queue: asyncio.Queue[Any]
 
 
+def _deliver(deliveries: List[Tuple[asyncio.Queue[Any], List[p.Frame]]]) -> None:
+    for queue, frames in deliveries:
+        queue.put_nowait(frames)
+
+
 class Connection:
     """One link carrying one session; thread-safe."""
 
@@ -107,10 +112,14 @@ class Connection:
                         self._control(frame)
                     else:
                         batches[frame.stream].append(frame)
+                # One wake-up of each event loop per read, however many streams it carried.
+                by_loop: Dict[asyncio.AbstractEventLoop, List[Tuple[asyncio.Queue[Any], List[p.Frame]]]] = {}
                 for sid, frames in batches.items():
                     stream = self.streams.get(sid)
                     if stream is not None:
-                        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, frames)
+                        by_loop.setdefault(stream.loop, []).append((stream.queue, frames))
+                for loop, deliveries in by_loop.items():
+                    loop.call_soon_threadsafe(_deliver, deliveries)
         except p.ProtocolError as exc:
             why = f"protocol error: {exc}"
         except Exception as exc:  # noqa: BLE001 - any failure of the link ends it the same way

@@ -183,3 +183,31 @@ def test_a_platform_that_goes_down_gives_503_with_retry_after(app: LiveApp, key:
     while post(app, key, {"model": "stub-model", "messages": ASK})[0] != 200:  # and it comes back by itself
         assert time.monotonic() < deadline, "the platform did not come back"
         time.sleep(1)
+
+
+def test_a_client_that_goes_away_cancels_its_stream_and_frees_its_slot(app: LiveApp) -> None:
+    import http.client
+
+    single = app.create_key("alice")
+    app.limit_key(single, parallel_streams=1)
+    conn = http.client.HTTPConnection("127.0.0.1", app.ports[0], timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": "stub-model", "messages": ASK, "stream": True, "stub_delay": 0.2, "stub_repeat": 100}),
+        {"Authorization": f"Bearer {single}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    while not resp.fp.readline().startswith(b"data: "):  # through any cold-start comments
+        pass
+    busy = post(app, single, {"model": "stub-model", "messages": ASK})
+    assert busy[0] == 429  # the stream holds the key's one slot
+    conn.close()  # the client goes away about 140 s before the stream would end
+    deadline = time.monotonic() + 10
+    while post(app, single, {"model": "stub-model", "messages": ASK})[0] != 200:
+        assert time.monotonic() < deadline, "the abandoned stream still holds its slot"
+        time.sleep(0.2)
+    out = app.shell("import time\nfrom gateway.models import UsageRecord\n"
+                    "for _ in range(50):\n"
+                    "    if UsageRecord.objects.filter(status=499).exists(): break\n"
+                    "    time.sleep(0.1)\n"
+                    "print(UsageRecord.objects.filter(status=499, streamed=True).count())")
+    assert int(out.strip().splitlines()[-1]) >= 1

@@ -155,12 +155,56 @@ class _Body:
         self.data = b""
 
 
-def router(site: Any, api: Any) -> Callable[..., Awaitable[None]]:
+class StaticApp:
+    """/static/: the app's own files (chat page, vendored libraries), so the embedded default
+    needs no web server in front. A site's reverse proxy may serve ``collectstatic``'s output
+    instead. Files are found with Django's static finders and kept in memory (they are few)."""
+
+    def __init__(self) -> None:
+        self.files: Dict[str, Optional[Tuple[bytes, bytes]]] = {}
+
+    def load(self, rel: str) -> Optional[Tuple[bytes, bytes]]:
+        import mimetypes
+        from pathlib import Path
+
+        from django.contrib.staticfiles import finders
+
+        if rel not in self.files:
+            found = finders.find(rel) if rel and ".." not in rel.split("/") and not rel.startswith("/") else None
+            if not isinstance(found, str) or not Path(found).is_file():
+                return None  # not cached: a file added later is found then
+            kind = mimetypes.guess_type(found)[0] or "application/octet-stream"
+            if kind.startswith("text/") or kind in ("application/javascript", "text/javascript"):
+                kind += "; charset=utf-8"
+            self.files[rel] = (Path(found).read_bytes(), kind.encode())
+        return self.files[rel]
+
+    async def __call__(self, scope: Dict[str, Any], receive: Receive, send: Send) -> None:
+        rel = scope["path"][len("/static/"):]
+        item = self.load(rel) if scope.get("method") in ("GET", "HEAD") else None
+        if item is None:
+            body, headers = b"Not found", [(b"content-type", b"text/plain")]
+            await send({"type": "http.response.start", "status": 404, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        body, kind = item
+        headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()),
+                   (b"cache-control", b"public, max-age=300"), (b"x-content-type-options", b"nosniff")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+def router(site: Any, api: Any, static: Any) -> Callable[..., Awaitable[None]]:
     async def application(scope: Dict[str, Any], receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        await (api if path == "/v1" or path.startswith("/v1/") else site)(scope, receive, send)
+        if path == "/v1" or path.startswith("/v1/"):
+            await api(scope, receive, send)
+        elif path.startswith("/static/"):
+            await static(scope, receive, send)
+        else:
+            await site(scope, receive, send)
 
     return application
 
 
-application = router(site, ApiApp())
+application = router(site, ApiApp(), StaticApp())

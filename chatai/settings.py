@@ -2,7 +2,7 @@
 
 Every optional integration switches on by one value: DATABASE_URL-style PostgreSQL via
 DB_ENGINE=postgresql, Redis via REDIS_URL, an HPC platform via HPC_PLATFORMS, OIDC via
-OIDC_OP_BASE_URL. See .env.example for every variable.
+OIDC_RP_CLIENT_ID and the provider's endpoints. See .env.example for every variable.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chatai.security.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "chatai.urls"
@@ -67,6 +68,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "chatai.context.site",
             ],
         },
     },
@@ -117,6 +119,42 @@ STATIC_ROOT = DATA_DIR / "static"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/"
+
+# Single sign-on with the institution's OpenID Connect provider (mozilla-django-oidc), on when
+# OIDC_RP_CLIENT_ID is set; otherwise local Django accounts with the standard login page.
+OIDC_ENABLED = bool(env("OIDC_RP_CLIENT_ID"))
+if OIDC_ENABLED:
+    INSTALLED_APPS.append("mozilla_django_oidc")
+    AUTHENTICATION_BACKENDS = ["chatai.oidc.Backend", "django.contrib.auth.backends.ModelBackend"]
+    OIDC_RP_CLIENT_ID = env("OIDC_RP_CLIENT_ID")
+    OIDC_RP_CLIENT_SECRET = env("OIDC_RP_CLIENT_SECRET")
+    OIDC_RP_SIGN_ALGO = env("OIDC_RP_SIGN_ALGO", "RS256")
+    OIDC_RP_SCOPES = env("OIDC_RP_SCOPES", "openid email profile groups")
+    OIDC_OP_AUTHORIZATION_ENDPOINT = env("OIDC_OP_AUTHORIZATION_ENDPOINT")
+    OIDC_OP_TOKEN_ENDPOINT = env("OIDC_OP_TOKEN_ENDPOINT")
+    OIDC_OP_USER_ENDPOINT = env("OIDC_OP_USER_ENDPOINT")
+    OIDC_OP_JWKS_ENDPOINT = env("OIDC_OP_JWKS_ENDPOINT")
+    OIDC_OP_LOGOUT_ENDPOINT = env("OIDC_OP_LOGOUT_ENDPOINT")  # end_session_endpoint: logout there too
+    OIDC_OP_LOGOUT_URL_METHOD = "chatai.oidc.provider_logout_url"
+    OIDC_USE_PKCE = envbool("OIDC_USE_PKCE", True)
+    OIDC_STORE_ID_TOKEN = True  # the id_token_hint for the provider's logout
+    OIDC_USERNAME_CLAIM = env("OIDC_USERNAME_CLAIM", "email")  # a stable claim: email or sub
+    OIDC_GROUPS_CLAIM = env("OIDC_GROUPS_CLAIM", "groups")
+    OIDC_GROUPS_MAP = json.loads(env("OIDC_GROUPS_MAP", "{}") or "{}")  # claim value -> Django group
+    OIDC_GROUPS_PREFIX = env("OIDC_GROUPS_PREFIX")  # only claim values with this prefix become groups
+    OIDC_VERIFY_SSL = envbool("OIDC_VERIFY_SSL", True)
+    OIDC_RENEW_ID_TOKEN_EXPIRY_SECONDS = envint("OIDC_RENEW_SECONDS", 3600)
+    LOGIN_URL = "oidc_authentication_init"
+    ALLOW_LOGOUT_GET_METHOD = False
+
+# The chat page's defaults for a new conversation (each conversation can change them).
+CHAT_DEFAULTS = {
+    "system_prompt": env("CHAT_SYSTEM_PROMPT", "You are a helpful assistant."),
+    "temperature": float(env("CHAT_TEMPERATURE", "0.7")),
+    "top_p": float(env("CHAT_TOP_P", "1.0")),
+    "max_tokens": envint("CHAT_MAX_TOKENS", 0) or None,
+    "model": env("CHAT_DEFAULT_MODEL"),
+}
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = envbool("SECURE_COOKIES", not DEBUG and bool(CSRF_TRUSTED_ORIGINS))
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE

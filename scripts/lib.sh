@@ -47,3 +47,42 @@ venv_ready() {
     echo "up to date"
   fi
 }
+
+# assets_ready: the chat page's browser libraries, pinned by package-lock.json, copied into
+# static/vendor (served by the app itself: no CDN). Re-done when the lockfile changes.
+assets_ready() {
+  local stamp
+  apt_need node:nodejs npm:npm
+  stamp=$(sha256sum package-lock.json | cut -c1-16)
+  if [ "$(cat static/vendor/.installed 2>/dev/null)" = "$stamp" ]; then
+    echo "up to date"
+    return
+  fi
+  echo "npm ci (package-lock.json)"
+  npm ci --no-audit --no-fund --loglevel=error >/dev/null
+  rm -rf static/vendor && mkdir -p static/vendor/fonts
+  cp node_modules/marked/lib/marked.umd.js static/vendor/marked.js
+  cp node_modules/dompurify/dist/purify.min.js static/vendor/purify.js
+  cp node_modules/katex/dist/katex.min.js static/vendor/katex.js
+  cp node_modules/katex/dist/katex.min.css static/vendor/katex.css
+  cp node_modules/katex/dist/fonts/*.woff2 static/vendor/fonts/
+  cp node_modules/@highlightjs/cdn-assets/highlight.min.js static/vendor/highlight.js
+  cp node_modules/@highlightjs/cdn-assets/styles/github.min.css static/vendor/hl-light.css
+  cp node_modules/@highlightjs/cdn-assets/styles/github-dark.min.css static/vendor/hl-dark.css
+  echo "$stamp" > static/vendor/.installed
+  echo "copied into static/vendor"
+}
+
+# oidc_provider_ready: the OpenID Connect provider the browser tests sign in with (the npm
+# package oidc-provider, OpenID Certified), pinned by tests/support/oidc/package-lock.json.
+oidc_provider_ready() {
+  local dir=tests/support/oidc stamp
+  stamp=$(sha256sum "$dir/package-lock.json" | cut -c1-16)
+  if [ "$(cat "$dir/node_modules/.installed" 2>/dev/null)" = "$stamp" ]; then
+    echo "oidc-provider up to date"
+    return
+  fi
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  echo "$stamp" > "$dir/node_modules/.installed"
+  echo "oidc-provider installed"
+}

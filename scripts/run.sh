@@ -10,15 +10,18 @@ PORT=${CHATAI_PORT:-8000}
 step "python environment"
 venv_ready requirements.txt
 
+step "browser libraries (npm, package-lock.json)"
+assets_ready
+
 step "database (SQLite in ./var unless DB_ENGINE is set)"
 .venv/bin/python manage.py migrate --no-input -v 0
 echo "ready"
 
 step "not in this build yet"
 cat <<MSG
-  - the chat page and the OpenAI-compatible /v1 API (gateway)
-  - the SSH bridge and the local transport to hpcside (hpcbridge)
-  - the local vLLM runtime with the SmolLM2 model
+  - the local vLLM runtime with the SmolLM2 model: the chat page and /v1 run, but no
+    model is configured on this machine yet (HPC_PLATFORMS or var/hpcside/services.ini)
+  Create a local account for the chat: .venv/bin/python manage.py createsuperuser
   The HPC scheduler is ready: python3 -m hpcside --help (see docs/hpcside.md).
 MSG
 

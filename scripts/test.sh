@@ -9,11 +9,16 @@ source scripts/lib.sh
 
 step "system packages"
 apt_need slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-client munged:munge \
-  /usr/sbin/sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
+  /usr/sbin/sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client \
+  chromium:chromium node:nodejs npm:npm
 [ -x /usr/bin/python3 ] || apt_install python3
 
 step "python environment"
 venv_ready requirements-dev.txt
+
+step "browser libraries (npm, package-lock.json) and the test OIDC provider"
+assets_ready
+oidc_provider_ready
 
 step "lint (ruff) and types (mypy on hpcside)"
 .venv/bin/ruff check .

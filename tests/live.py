@@ -36,6 +36,7 @@ class LiveApp:
     db_name: str = ""
     extra_env: Dict[str, str] = field(default_factory=dict)
     services: str = ""  # [service:...] sections instead of the two test stubs
+    port: int = 0  # the first worker's port, when it must be known before start (OIDC redirect URIs)
 
     @property
     def url(self) -> str:
@@ -94,8 +95,8 @@ renewal_margin = 5m
             subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {self.db_name}"],
                            check=True, capture_output=True)
         self.manage("migrate", "--no-input", "-v", "0")
-        for _ in range(self.workers):
-            port = free_port()
+        for i in range(self.workers):
+            port = self.port if i == 0 and self.port else free_port()
             log = open(self.dir / f"daphne-{port}.log", "wb")  # noqa: SIM115 - lives with the process
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "chatai.asgi:application"],

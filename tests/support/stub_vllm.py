@@ -92,6 +92,17 @@ class Handler(BaseHTTPRequestHandler):
             return
         words = ["The", " capital", " of", " France", " is", " Paris", "."]
         delay = float(req.get("stub_delay", 0))
+        repeat = int(req.get("stub_repeat", 1))
+        # The browser tests cannot add fields: they steer the stub with words in the prompt.
+        messages = req.get("messages") or [{}]
+        last = str(messages[-1].get("content", "")) if isinstance(messages[-1], dict) else ""
+        if "stub:xss" in last:
+            words = ["Look: <img src=x onerror=\"window.__pwned=1\"> ", "[click me](javascript:window.__pwned=2)",
+                     " <script>window.__pwned=3</script> ", "![pic](http://198.51.100.7/track.png) done."]
+        elif "stub:rich" in last:
+            words = ["```python\nprint('hello')\n```\n\n", "Energy: $E=mc^2$.", "\n\n$$\\int_0^1 x\\,dx$$\n"]
+        elif "stub:slow" in last:
+            delay, repeat = 0.2, 50
         created = int(time.time())
         if not req.get("stream"):
             time.sleep(delay * len(words))
@@ -111,7 +122,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         try:
-            for word in words * int(req.get("stub_repeat", 1)):
+            for word in words * repeat:
                 chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created,
                        "model": req.get("model"), "choices": [{"index": 0, "delta": {"content": word},
                                                                "finish_reason": None}]})

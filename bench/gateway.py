@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.harness.accounts import stop_process_group  # noqa: E402
+from tests.harness.net import wait_http  # noqa: E402
 from tests.harness.slurm import free_port  # noqa: E402
 from tests.live import SUPPORT, LiveApp  # noqa: E402
 
@@ -53,19 +54,6 @@ LITELLM_KEY = "sk-bench-0123456789abcdef0123456789abcdef"  # noqa: S105 - its ma
 
 def step(message: str) -> None:
     print(f"==> {message}", flush=True)
-
-
-def wait_http(url: str, timeout: float, what: str, headers: Optional[Dict[str, str]] = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            req = urllib.request.Request(url, headers=headers or {})
-            urllib.request.urlopen(req, timeout=5).close()  # noqa: S310 - loopback
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s") from None
-            time.sleep(0.3)
 
 
 def ensure_tools(litellm: bool) -> None:
@@ -128,10 +116,8 @@ litellm_settings:
                              "--port", str(port), "--num_workers", "1"], env=env, cwd=workdir,
                             stdout=open(workdir / "litellm.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health/liveliness", 180, "LiteLLM")
-    except RuntimeError:
-        raise RuntimeError(f"LiteLLM did not start:\n{(workdir / 'litellm.log').read_text()[-3000:]}") from None
+    wait_http(f"http://127.0.0.1:{port}/health/liveliness", 180, "LiteLLM",
+              lambda: (workdir / "litellm.log").read_text()[-3000:])
     return proc, port
 
 

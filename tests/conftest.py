@@ -164,3 +164,17 @@ def hpcside_on(deployment: Path, account: Account) -> Iterator[Callable[[Optiona
     yield make
     for h in made:
         h.cleanup()
+
+
+# For modules that define a module-scoped `app` (a LiveApp with the user alice): her key and an
+# official OpenAI client on it.
+@pytest.fixture(scope="module")
+def key(app: Any) -> str:
+    return str(app.create_key("alice"))
+
+
+@pytest.fixture(scope="module")
+def client(app: Any, key: str) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0, timeout=60)

@@ -9,14 +9,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from hpcside.launchers import LocalLauncher
 from tests.harness.accounts import stop_process_group
+from tests.harness.net import wait_http
 from tests.harness.slurm import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,15 +102,7 @@ renewal_margin = 5m
                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
             self.ports.append(port)
         for url in self.urls():
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/healthz", timeout=2).close()  # noqa: S310 - loopback
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"daphne did not start:\n{self.logs()[-3000:]}") from None
-                    time.sleep(0.2)
+            wait_http(f"{url}/healthz", 30, "daphne", lambda: self.logs()[-3000:])
         return self
 
     def manage(self, *args: str, input: Optional[str] = None) -> str:

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from tests.harness.accounts import stop_process_group
+from tests.harness.net import wait_http
 from tests.harness.slurm import free_port
 from tests.live import SUPPORT, LiveApp
 from tests.test_gateway_openai import ASK, assert_openai_error, raw
@@ -32,15 +33,7 @@ class Provider:
         self.proc = subprocess.Popen([sys.executable, str(SUPPORT / "stub_vllm.py"), "--port", str(self.port),
                                       "--model", "provider-model"], env={**os.environ, "VLLM_API_KEY": PROVIDER_KEY},
                                      stdout=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=1).close()  # noqa: S310 - loopback
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the provider stub did not start") from None
-                time.sleep(0.1)
+        wait_http(f"{self.url}/health", 15, "the provider stub")
 
     @property
     def url(self) -> str:
@@ -75,16 +68,6 @@ def app(provider: Provider, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY', requests_per_minute=1)\n")
     yield live
     live.stop()
-
-
-@pytest.fixture(scope="module")
-def key(app: LiveApp) -> str:
-    return app.create_key("alice")
-
-
-@pytest.fixture(scope="module")
-def client(app: LiveApp, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def post(app: LiveApp, key: str, payload: dict):  # type: ignore[no-untyped-def]

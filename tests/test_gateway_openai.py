@@ -25,16 +25,6 @@ def app(request: pytest.FixtureRequest) -> Iterator[LiveApp]:
     live.stop()
 
 
-@pytest.fixture(scope="module")
-def key(app: LiveApp) -> str:
-    return app.create_key("alice")
-
-
-@pytest.fixture(scope="module")
-def client(app: LiveApp, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
 def raw(app: LiveApp, method: str, path: str, body: Optional[bytes] = None,
         headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], Any]:
     req = urllib.request.Request(f"{app.url}{path}", data=body, method=method, headers=headers or {})

@@ -6,12 +6,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from typing import Dict
 
 from tests.harness.accounts import stop_process_group
+from tests.harness.net import wait_http
 from tests.harness.slurm import free_port
 
 SERVER = Path(__file__).resolve().parent.parent / "support" / "oidc"
@@ -32,18 +31,12 @@ class OIDCProvider:
         self.log = open(ARTIFACTS / "oidc-provider.log", "wb")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen([shutil.which("node") or "node", str(SERVER / "server.mjs")], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.issuer}/.well-known/openid-configuration", timeout=2) as r:  # noqa: S310
-                    self.discovery = json.loads(r.read())
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("the OIDC provider did not start; see test-artifacts/oidc-provider.log") \
-                        from None
-                time.sleep(0.2)
+        try:
+            self.discovery = json.loads(wait_http(f"{self.issuer}/.well-known/openid-configuration", 20,
+                                                  "the OIDC provider", lambda: "see test-artifacts/oidc-provider.log"))
+        except RuntimeError:
+            self.stop()
+            raise
 
     @property
     def issuer(self) -> str:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from tests.harness.accounts import stop_process_group  # noqa: E402
 from tests.harness.net import wait_http  # noqa: E402
 from tests.harness.slurm import free_port  # noqa: E402
-from tests.live import SUPPORT, LiveApp  # noqa: E402
+from tests.live import LiveApp, stub_service  # noqa: E402
 
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 BACKEND_TOKEN = "bench-backend-token"  # noqa: S105 - a loopback stub's token
@@ -76,15 +76,8 @@ def start_backend(port: int) -> subprocess.Popen:  # type: ignore[type-arg]
 
 
 def start_gateway(db: str, redis: bool) -> tuple[LiveApp, str]:
-    services = f"""[service:bench]
-model = {MODEL}
-template = {SUPPORT / 'stub.sh'}
-model_path = {ROOT / 'bench' / 'fast_backend.py'}
-min_instances = 1
-idle_timeout = 1h
-walltime = 2h
-renewal_margin = 5m
-"""
+    services = stub_service("bench", MODEL, min_instances=1, model_path=ROOT / "bench" / "fast_backend.py",
+                            walltime="2h", idle_timeout="1h")
     app = LiveApp(db=db, redis_url="redis://127.0.0.1:6379/15" if redis else "", services=services,
                   extra_env={"LOG_LEVEL": "WARNING", "GATEWAY_POLICY_TTL": "5"}).start()
     app.create_user("bench")

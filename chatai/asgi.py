@@ -161,7 +161,7 @@ class StaticApp:
     instead. Files are found with Django's static finders and kept in memory (they are few)."""
 
     def __init__(self) -> None:
-        self.files: Dict[str, Optional[Tuple[bytes, bytes]]] = {}
+        self.files: Dict[str, Tuple[bytes, bytes]] = {}
 
     def load(self, rel: str) -> Optional[Tuple[bytes, bytes]]:
         import mimetypes

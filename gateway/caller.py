@@ -67,10 +67,10 @@ def _by_session(request: HttpRequest) -> Optional[Caller]:
     return _complete(user, None)
 
 
-def csrf_failure(request: HttpRequest) -> Optional[str]:
-    """Why the chat page's unsafe request is not from our page (CSRF), or None when it is."""
-    failure = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {})  # type: ignore[arg-type]
-    return None if failure is None else "CSRF verification failed."
+def csrf_passes(request: HttpRequest) -> bool:
+    """Whether the chat page's unsafe request proves it comes from our page (Django's CSRF check)."""
+    check = CsrfViewMiddleware(lambda r: HttpResponse())  # type: ignore[arg-type]
+    return check.process_view(request, None, (), {}) is None
 
 
 async def caller_of(request: HttpRequest) -> Caller:
@@ -83,7 +83,7 @@ async def caller_of(request: HttpRequest) -> Caller:
     if request.COOKIES.get(settings.SESSION_COOKIE_NAME):
         caller = await in_thread(_by_session, request)
         if caller is not None:
-            if request.method not in SAFE_METHODS and csrf_failure(request):
+            if request.method not in SAFE_METHODS and not csrf_passes(request):
                 # The chat page uses the same endpoints with its session: it must prove it is our page.
                 raise ApiError(403, "CSRF verification failed.", code="csrf_failed")
             return caller

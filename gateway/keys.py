@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import secrets
@@ -46,6 +47,7 @@ def split_key(raw: str) -> Optional[tuple[str, str]]:
 _keys: Dict[str, Tuple[float, ApiKey]] = {}
 
 
+@functools.cache
 def _state_sql() -> str:
     q = connection.ops.quote_name
     key_table, user_model = ApiKey._meta.db_table, ApiKey._meta.get_field("user").related_model

@@ -93,12 +93,6 @@ def limits_for(user: Any, key: Any, group_ids: FrozenSet[int]) -> Limits:
     return Limits.from_mapping(settings.GATEWAY_DEFAULT_LIMITS)
 
 
-def clear_snapshots() -> None:
-    global _policies
-    _policies = None
-    _groups.clear()
-
-
 class Counters:
     """In-process counters with expiry: what the limiter needs of a cache, for one worker.
 

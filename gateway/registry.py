@@ -120,12 +120,6 @@ async def resolve(model: str, caller: Caller) -> ModelEntry:
     return entry
 
 
-def clear_cache() -> None:
-    global _overlays
-    _cache.clear()
-    _overlays = None
-
-
 def note_ready(platform: str, model: str) -> None:
     """A model that just answered is ready, whatever the cached list said a moment ago."""
     cached = _cache.get(platform)

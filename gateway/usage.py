@@ -30,13 +30,11 @@ class UsageWriter:
         self.pending: List[Dict[str, Any]] = []
         self.lock = threading.Lock()
         self.scheduled: Optional[asyncio.Handle] = None
-        self.dropped = 0
 
     def add(self, record: Dict[str, Any]) -> None:
         with self.lock:
             if len(self.pending) >= MAX_PENDING:
-                self.pending.pop(0)
-                self.dropped += 1
+                self.pending.pop(0)  # the database has been down for long: the oldest row goes
             self.pending.append(record)
         try:
             loop = asyncio.get_running_loop()

@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = ROOT / "tests" / "support"
 
 
+def stub_service(name: str, model: str, *, min_instances: int = 0, template: Path = SUPPORT / "stub.sh",
+                 model_path: Path = SUPPORT / "stub_vllm.py", walltime: str = "1h", **options: str) -> str:
+    """One [service:NAME] section of hpcside's services file running the stub (or a script that
+    takes the stub's arguments), through the local launcher."""
+    lines = [f"[service:{name}]", f"model = {model}", f"template = {template}", f"model_path = {model_path}",
+             f"min_instances = {min_instances}", *(f"{k} = {v}" for k, v in options.items()),
+             f"walltime = {walltime}", "renewal_margin = 5m"]
+    return "\n".join(lines) + "\n\n"
+
+
 @dataclass
 class LiveApp:
     """One deployment (database, hpcside state) served by one or more daphne workers."""
@@ -72,23 +82,8 @@ bind_host = 127.0.0.1
 endpoint_host = 127.0.0.1
 hold_timeout = 30s
 
-""" + (self.services or f"""[service:stub]
-model = stub-model
-template = {SUPPORT / 'stub.sh'}
-model_path = {SUPPORT / 'stub_vllm.py'}
-min_instances = 0
-idle_timeout = 10m
-walltime = 1h
-renewal_margin = 5m
-
-[service:other]
-model = other-model
-template = {SUPPORT / 'stub.sh'}
-model_path = {SUPPORT / 'stub_vllm.py'}
-min_instances = 0
-walltime = 1h
-renewal_margin = 5m
-"""))
+""" + (self.services or stub_service("stub", "stub-model", idle_timeout="10m")
+                        + stub_service("other", "other-model")))
         if self.db == "postgresql":
             self.db_name = f"chatai_live_{os.getpid()}_{free_port()}"
             subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {self.db_name}"],

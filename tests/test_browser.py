@@ -23,7 +23,7 @@ import pytest
 
 from tests.harness.oidc import ARTIFACTS, OIDCProvider
 from tests.harness.slurm import free_port
-from tests.live import SUPPORT, LiveApp
+from tests.live import SUPPORT, LiveApp, stub_service
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
@@ -40,23 +40,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     provider = OIDCProvider(f"http://127.0.0.1:{port}", ACCOUNTS)
     slow_start = tmp_path_factory.mktemp("templates") / "slow-stub.sh"
     slow_start.write_text((SUPPORT / "stub.sh").read_text().replace("exec ", "export STUB_MODE=slow:4\nexec ", 1))
-    services = f"""[service:stub]
-model = stub-model
-template = {SUPPORT / 'stub.sh'}
-model_path = {SUPPORT / 'stub_vllm.py'}
-min_instances = 1
-walltime = 1h
-renewal_margin = 5m
-
-[service:cold]
-model = cold-model
-template = {slow_start}
-model_path = {SUPPORT / 'stub_vllm.py'}
-min_instances = 0
-idle_timeout = 10m
-walltime = 1h
-renewal_margin = 5m
-"""
+    services = (stub_service("stub", "stub-model", min_instances=1)
+                + stub_service("cold", "cold-model", template=slow_start, idle_timeout="10m"))
     app = LiveApp(port=port, services=services, redis_url="redis://127.0.0.1:6379/13",
                   extra_env={**provider.app_env(), "OIDC_GROUPS_PREFIX": "physics"})
     try:

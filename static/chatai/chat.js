@@ -330,8 +330,6 @@
       if (!reply.content && !reply.error && !reply.stopped) reply.error = "The model sent an empty reply.";
       if (reply.content) loadModels();  // its status has changed (it runs now)
       li.replaceWith(renderMessage(conv, index));
-      var prev = ui.messages.querySelector('li[data-index="' + (index - 2) + '"]');
-      if (prev && conv === current) prev.replaceWith(renderMessage(conv, index - 2));  // its Regenerate goes
       return save(conv);
     }).then(renderList);
   }

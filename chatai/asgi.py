@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import traceback
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from django.core.asgi import get_asgi_application
@@ -84,7 +85,9 @@ class ApiApp:
         except DisallowedHost:
             response = ApiError(400, "Invalid Host header.", code="invalid_host").response()
         except Exception as exc:  # noqa: BLE001 - never a traceback, never a body to the client
-            log.exception("api: unhandled %s on %s", type(exc).__name__, request.path)
+            # Where it failed, but not the exception's message: that may quote the request.
+            where = "; ".join(f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__))
+            log.error("api: unhandled %s on %s at %s", type(exc).__name__, request.path, where)
             response = ApiError(500, "The server had an error while processing your request.",
                                 code="internal_error").response()
         await self.send_response(response, send, receive)

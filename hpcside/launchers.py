@@ -258,8 +258,8 @@ class LocalLauncher(Launcher):
                 rec["cancelled_at"] = rec.get("cancelled_at") or time.time()
                 write_json(self.dir / f"{rec['job_id']}.json", rec)
 
-    def kill_all(self, prefix: str) -> None:
-        """Stop every job now (the embedded default's Ctrl-C): TERM, then KILL."""
+    def kill_all(self, prefix: str) -> int:
+        """Stop every job now (the embedded default's Ctrl-C): TERM, then KILL. Returns how many."""
         recs = [r for r in self._records() if r["name"].startswith(prefix) and self._alive(r)]
         for rec in recs:
             self._signal(rec, signal.SIGTERM)
@@ -270,6 +270,7 @@ class LocalLauncher(Launcher):
             if self._alive(rec):
                 self._signal(rec, signal.SIGKILL)
             (self.dir / f"{rec['job_id']}.json").unlink(missing_ok=True)
+        return len(recs)
 
 
 def make_launcher(kind: str, state_dir: Path, timeout: float) -> Launcher:

@@ -423,8 +423,7 @@ class Session:
             return "waiting", "the batch system is not answering"
         starting = [i for i in mine if i.phase == "starting"]
         if starting:
-            since = starting[0].running_since or starting[0].submitted_at
-            return "starting", f"loading the model on {starting[0].node or 'a node'} ({time.time() - since:.0f}s)"
+            return "starting", f"loading the model on {starting[0].node or 'a node'}"
         pending = [i for i in mine if i.phase == "pending"]
         if pending:
             reason = pending[0].reason or "waiting for resources"

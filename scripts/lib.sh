@@ -39,7 +39,10 @@ venv_ready() {
     "$py" -m venv .venv
   fi
   stamp=$(cat requirements*.txt | sha256sum | cut -c1-16)-$req
-  if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
+  # requirements-dev.txt includes requirements.txt: a dev venv serves the run command as it is.
+  if [ "$(cat .venv/.installed 2>/dev/null)" = "${stamp%-*}-requirements-dev.txt" ]; then
+    echo "up to date"
+  elif [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
     echo "pip install -r $req"
     .venv/bin/pip install -q --disable-pip-version-check -r "$req"
     echo "$stamp" > .venv/.installed

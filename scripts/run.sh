@@ -40,13 +40,15 @@ fi
 
 daphne_pid=""
 stop_all() {
-  trap - EXIT INT TERM
+  # A second Ctrl-C, or a terminal (or pager) that has gone, must not stop the clean-up.
+  trap '' INT TERM PIPE
+  trap - EXIT
   if [ -n "$daphne_pid" ] && kill -0 "$daphne_pid" 2>/dev/null; then
     kill -TERM "$daphne_pid" 2>/dev/null || true
     wait "$daphne_pid" 2>/dev/null || true
   fi
   if [ "$embedded" = 1 ]; then
-    echo
+    echo || true
     .venv/bin/python manage.py embedded stop || true
   fi
 }

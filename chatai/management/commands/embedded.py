@@ -63,6 +63,19 @@ unhealthy_grace = 30s
 """
 
 
+def describe(state: Dict[str, Any]) -> str:
+    """One instance's phase in words, for the progress line."""
+    instances = state.get("instances_list") or []
+    if not instances:
+        return "submitting the job"
+    inst = instances[0]
+    if inst["phase"] == "pending":
+        return f"queued ({inst['note'] or 'waiting for resources'})"
+    if inst["phase"] == "starting":
+        return "loading the model"
+    return f"{inst['phase']} ({inst['note']})" if inst["note"] else inst["phase"]
+
+
 class Command(BaseCommand):
     help = "Set up, warm and stop the one-machine default (hpcside with the local launcher and SmolLM2)."
 
@@ -132,11 +145,17 @@ class Command(BaseCommand):
         return {**service, "instances_list": mine}
 
     def do_warm(self, timeout: float, **_: Any) -> None:
+        try:
+            self.warm(timeout)
+        except KeyboardInterrupt:  # Ctrl-C: run.sh stops what was started
+            raise SystemExit(130) from None
+
+    def warm(self, timeout: float) -> None:
         if self.service_state() is None:
             self.stdout.write(f"no service {SERVICE!r} in {self.config_path}: nothing to warm")
             return
         started, deadline = time.monotonic(), time.monotonic() + timeout
-        last_line, tty = "", sys.stdout.isatty()
+        last_what, width, tty = "", 0, sys.stdout.isatty()
         while time.monotonic() < deadline:
             self.hpcside("schedule", "--force")
             state = self.service_state() or {}
@@ -148,15 +167,15 @@ class Command(BaseCommand):
                 return
             if state.get("failures") and state.get("backoff_seconds"):
                 self.fail(state)
-            phases = [f"{i['phase']}: {i['note']}" if i["note"] else i["phase"]
-                      for i in state.get("instances_list", [])] or ["submitting"]
-            line = f"  {MODEL}: {phases[0]} ({elapsed:.0f} s; vLLM on CPU loads in about 30 s)"
-            if tty:
-                self.stdout.write("\r" + line[:150].ljust(150), ending="")
+            what = describe(state)
+            line = f"  {MODEL}: {what}, {elapsed:.0f} s (vLLM on CPU loads in about 20-40 s)"
+            if tty:  # one line, rewritten in place
+                self.stdout.write("\r" + line.ljust(width), ending="")
                 self.stdout.flush()
-            elif line.split(" (")[0] != last_line.split(" (")[0]:
+                width = len(line)
+            elif what != last_what:
                 self.stdout.write(line)
-            last_line = line
+            last_what = what
             time.sleep(1.0)
         self.fail(self.service_state() or {}, f"not ready after {timeout:.0f} s")
 

@@ -21,13 +21,12 @@ import json
 import os
 import platform as pyplatform
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List
+from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,6 +41,9 @@ from hpcside.upstream import Pool  # noqa: E402
 from tests.harness.accounts import ensure_functional_account  # noqa: E402
 from tests.harness.slurm import free_port  # noqa: E402
 from tests.harness.sshd import SSHServer  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from loadgen import load, summarize  # noqa: E402
 
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}).encode()
 ANSWER = json.dumps({"id": "x", "object": "chat.completion", "choices": [
@@ -74,30 +76,6 @@ def start_upstream(port: int) -> None:
 
     threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
     time.sleep(0.3)
-
-
-def summarize(latencies: List[float], seconds: float) -> Dict[str, float]:
-    latencies.sort()
-    return {"requests": len(latencies), "rps": round(len(latencies) / seconds, 1),
-            "p50_ms": round(statistics.median(latencies) * 1000, 3),
-            "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3)}
-
-
-async def load(call: Callable[[], Awaitable[None]], concurrency: int, seconds: float) -> Dict[str, float]:
-    latencies: List[float] = []
-    stop = time.monotonic() + seconds
-
-    async def worker() -> None:
-        while time.monotonic() < stop:
-            t = time.perf_counter()
-            await call()
-            latencies.append(time.perf_counter() - t)
-
-    for _ in range(min(concurrency, 4)):  # warm up
-        await call()
-    start = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(latencies, time.monotonic() - start)
 
 
 def exec_per_request(sshd: SSHServer, concurrency: int, seconds: float) -> Dict[str, float]:

@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import platform as pyplatform
-import re
 import shutil
 import statistics
 import subprocess
@@ -46,25 +45,12 @@ from tests.harness.net import wait_http  # noqa: E402
 from tests.harness.slurm import free_port  # noqa: E402
 from tests.live import LiveApp, stub_service  # noqa: E402
 
-LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
+sys.path.insert(0, str(ROOT / "bench"))
+from loadgen import LITELLM_KEY, ensure_tools, median_of, start_litellm, step, wrk  # noqa: E402
+
 BACKEND_TOKEN = "bench-backend-token"  # noqa: S105 - a loopback stub's token
 MODEL = "bench-model"
-LITELLM_KEY = "sk-bench-0123456789abcdef0123456789abcdef"  # noqa: S105 - its master key, on loopback
-
-
-def step(message: str) -> None:
-    print(f"==> {message}", flush=True)
-
-
-def ensure_tools(litellm: bool) -> None:
-    if not shutil.which("wrk"):
-        step("installing wrk (apt)")
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "wrk"], check=True,
-                       stdout=subprocess.DEVNULL)
-    if litellm and not (LITELLM_VENV / "bin" / "litellm").exists():
-        step(f"installing litellm[proxy] into {LITELLM_VENV} (a few minutes)")
-        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
-        subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def start_backend(port: int) -> subprocess.Popen:  # type: ignore[type-arg]
@@ -88,60 +74,6 @@ def start_gateway(db: str, redis: bool) -> tuple[LiveApp, str]:
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     urllib.request.urlopen(req, timeout=120).close()  # noqa: S310 - waits through the cold start
     return app, key
-
-
-def start_litellm(backend_port: int, workdir: Path) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
-    port = free_port()
-    cfg = workdir / "litellm.yaml"
-    cfg.write_text(f"""model_list:
-  - model_name: {MODEL}
-    litellm_params:
-      model: openai/{MODEL}
-      api_base: http://127.0.0.1:{backend_port}/v1
-      api_key: {BACKEND_TOKEN}
-general_settings:
-  master_key: {LITELLM_KEY}
-litellm_settings:
-  telemetry: false
-""")
-    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"}
-    proc = subprocess.Popen([str(LITELLM_VENV / "bin" / "litellm"), "--config", str(cfg), "--host", "127.0.0.1",
-                             "--port", str(port), "--num_workers", "1"], env=env, cwd=workdir,
-                            stdout=open(workdir / "litellm.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            start_new_session=True)
-    wait_http(f"http://127.0.0.1:{port}/health/liveliness", 180, "LiteLLM",
-              lambda: (workdir / "litellm.log").read_text()[-3000:])
-    return proc, port
-
-
-UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-
-def wrk(url: str, token: str, concurrency: int, seconds: int, workdir: Path) -> Dict[str, float]:
-    script = workdir / "post.lua"
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
-    script.write_text(f"""wrk.method = "POST"
-wrk.body = {json.dumps(body)}
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer {token}"
-""")
-    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script),
-                          f"{url}/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: (.*)", out)
-    if errors or socket_errors:
-        found = [m.group(0) for m in (errors, socket_errors) if m]
-        print(f"    warning: {url}: {'; '.join(found)}")
-
-    def pct(p: str) -> float:
-        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        assert m, out
-        return float(m.group(1)) * UNITS[m.group(2)]
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    assert rps, out
-    return {"rps": float(rps.group(1)), "p50_ms": pct("50"), "p99_ms": pct("99"),
-            "errors": int(errors.group(1)) if errors else 0}
 
 
 async def ttfb(url: str, token: str, concurrency: int, seconds: float) -> Dict[str, float]:
@@ -178,10 +110,6 @@ async def ttfb(url: str, token: str, concurrency: int, seconds: float) -> Dict[s
             "ttfb_p99_ms": round(samples[max(0, int(len(samples) * 0.99) - 1)] * 1000, 2), "streams": len(samples)}
 
 
-def median_of(runs: List[Dict[str, float]]) -> Dict[str, float]:
-    return {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
@@ -207,17 +135,17 @@ def main() -> None:
         targets["gateway"] = (app.url, key)
         if not args.no_litellm:
             step("starting LiteLLM (1 worker)")
-            proc, port = start_litellm(backend_port, workdir)
+            proc, port = start_litellm({MODEL: (f"http://127.0.0.1:{backend_port}", BACKEND_TOKEN)}, workdir)
             procs.append(proc)
             targets["litellm"] = (f"http://127.0.0.1:{port}", LITELLM_KEY)
         results: Dict[str, Dict[str, Any]] = {name: {} for name in targets}
         for name, (url, token) in targets.items():
-            wrk(url, token, 4, 2, workdir)  # warm up
+            wrk(f"{url}/v1/chat/completions", token, 4, 2, workdir, BODY)  # warm up
             for c in levels:
                 runs = []
                 for i in range(args.repeat):
                     step(f"{name}: plain requests at concurrency {c}, run {i + 1}/{args.repeat} ({args.seconds}s)")
-                    runs.append(wrk(url, token, c, args.seconds, workdir))
+                    runs.append(wrk(f"{url}/v1/chat/completions", token, c, args.seconds, workdir, BODY))
                 results[name][f"c{c}"] = median_of(runs)
             runs = []
             for i in range(args.repeat):

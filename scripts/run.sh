@@ -3,7 +3,7 @@
 # cache, data in ./var) and a real model: SmolLM2-135M-Instruct on vLLM for CPU, run by hpcside's
 # local launcher behind the local transport. Installs what it needs on the first run (about
 # 5 min: vLLM's own environment and the model are cached, see scripts/lib.sh); later runs are
-# ready in about 40 s, most of it vLLM loading the model. Ctrl-C stops everything it started.
+# ready in about 20-40 s, most of it vLLM loading the model. Ctrl-C stops everything it started.
 #
 # Settings switch the same app to a real deployment (see .env.example and docs/deploy.md):
 # HPC_PLATFORMS (a cluster over SSH: no local model is prepared), DB_ENGINE, REDIS_URL, OIDC_*.
@@ -58,12 +58,14 @@ trap 'exit 130' INT TERM
 step "web app (daphne on $HOST:$PORT)"
 .venv/bin/daphne -b "$HOST" -p "$PORT" chatai.asgi:application &
 daphne_pid=$!
+up=0
 for _ in $(seq 1 150); do
   if ! kill -0 "$daphne_pid" 2>/dev/null; then echo "daphne exited; see its messages above" >&2; exit 1; fi
   if .venv/bin/python -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=1)" \
-      "${URL}healthz" 2>/dev/null; then break; fi
+      "${URL}healthz" 2>/dev/null; then up=1; break; fi
   sleep 0.2
 done
+if [ "$up" = 0 ]; then echo "the web app does not answer on ${URL}healthz; see its messages above" >&2; exit 1; fi
 
 if [ "$embedded" = 1 ]; then
   step "starting the model (vLLM on CPU)"

@@ -34,6 +34,8 @@ step "database (SQLite in ./var unless DB_ENGINE is set)"
 echo "up to date"
 
 if [ "$embedded" = 1 ]; then
+  # The chat's sampling defaults for this small model (its authors' suggestion); 0.7 makes it ramble.
+  export CHAT_TEMPERATURE="${CHAT_TEMPERATURE:-0.2}" CHAT_TOP_P="${CHAT_TOP_P:-0.9}"
   step "local HPC side and login"
   .venv/bin/python manage.py embedded setup --vllm-python "$VLLM_ENV/bin/python" --model-dir "$SMOLLM2_DIR"
 fi

@@ -115,6 +115,40 @@ renewal_margin = 5m
     assert not pids, (pids, status)
 
 
+def chat_in_the_browser(url: str, password: str) -> None:
+    """Sign in with the printed login and ask the real model in the chat page (Chromium)."""
+    from playwright import sync_api
+
+    from tests.test_browser import ARTIFACTS, CHROMIUM, wait_js
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.set_default_timeout(60_000)
+            page.goto(url + "/")
+            page.fill("#id_username", "admin")
+            page.fill("#id_password", password)
+            page.click("button[type=submit]")
+            page.wait_for_selector("#prompt")
+            # A 135M model rambles at the default 0.7; this conversation's own setting, as a user sets it.
+            page.click("#settings-toggle")
+            page.fill("#temperature", "0")
+            page.click("#settings-toggle")
+            page.fill("#prompt", "What is the capital of France?")
+            page.keyboard.press("Enter")
+            ARTIFACTS.mkdir(exist_ok=True)
+            try:
+                wait_js(page, "(() => { const r = document.querySelectorAll('#messages li.msg.assistant');"
+                              " return r.length > 0 && r[r.length - 1].textContent.includes('Paris')"
+                              " && !document.querySelector('#send').hidden; })()", timeout=120)
+            finally:
+                page.screenshot(path=str(ARTIFACTS / "run-command-real-model.png"))
+        finally:
+            browser.close()
+
+
 @pytest.mark.slurm  # slow: loads the real model
 def test_the_run_command_serves_the_real_model_and_ctrl_c_stops_everything(data_dir: Path) -> None:
     runtime()  # the vLLM environment and the model, prepared by scripts/test.sh
@@ -143,6 +177,7 @@ def test_the_run_command_serves_the_real_model_and_ctrl_c_stops_everything(data_
         answer = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=40,
                                                 messages=question)  # type: ignore[arg-type]
         assert "Paris" in (answer.choices[0].message.content or ""), answer
+        chat_in_the_browser(f"http://127.0.0.1:{port}", password.group(1))
         ports: List[str] = re.findall(r"ready in \d+ s \(http://127\.0\.0\.1:(\d+)\)", text)
         assert ports, text
     finally:

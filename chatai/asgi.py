@@ -52,9 +52,11 @@ from django.core.exceptions import DisallowedHost  # noqa: E402
 from django.core.handlers.asgi import ASGIRequest  # noqa: E402
 from django.http import HttpResponseBase  # noqa: E402
 
+from chatai.requestbody import keep_request_bodies_in_memory  # noqa: E402
 from gateway.errors import ApiError  # noqa: E402
 from gateway.urls import route  # noqa: E402
 
+keep_request_bodies_in_memory(lambda: settings.GATEWAY_MAX_BODY)  # Twisted would spool them to /tmp
 log = logging.getLogger("chatai.api")
 API_HEADERS = [(b"X-Content-Type-Options", b"nosniff"), (b"Referrer-Policy", b"same-origin")]
 Send = Callable[[Dict[str, Any]], Awaitable[None]]

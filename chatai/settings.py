@@ -12,6 +12,7 @@ import json
 import secrets
 from pathlib import Path
 
+from chatai import netaddr
 from chatai.env import env, envbool, envint, envlist
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -219,6 +220,15 @@ CACHES = {
     )
 }
 
-# /metrics: a bearer token, or scrapers from these addresses (default: this machine only).
+# /metrics: with a token, the token is required; without, scrapers from these addresses or
+# networks (none set: direct requests from this machine only, never through a proxy).
 METRICS_TOKEN = env("METRICS_TOKEN")
-METRICS_ALLOWED_IPS = envlist("METRICS_ALLOWED_IPS", "127.0.0.1,::1")
+METRICS_ALLOWED_IPS = envlist("METRICS_ALLOWED_IPS")
+# Reverse proxies whose X-Forwarded-For names the client (chatai.netaddr), e.g. 127.0.0.1 for
+# nginx on this machine. Empty: no forwarded address is believed.
+TRUSTED_PROXIES = envlist("TRUSTED_PROXIES")
+netaddr.networks(tuple(TRUSTED_PROXIES + METRICS_ALLOWED_IPS))  # a typo fails at start, naming the value
+# Behind a TLS proxy that sets X-Forwarded-Proto (docs/deploy.md), e.g. SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto:
+# requests it marks https are https (redirect URIs, secure cookies). Only where every request passes that proxy.
+if env("SECURE_PROXY_SSL_HEADER"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + env("SECURE_PROXY_SSL_HEADER").upper().replace("-", "_"), "https")

@@ -14,6 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram,
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from chatai import netaddr
+
 REQUESTS = Counter("chatai_requests_total", "API requests by endpoint, model and status",
                    ["endpoint", "model", "status"])
 TTFB = Histogram("chatai_time_to_first_byte_seconds", "Time from request to the first byte of the answer",
@@ -46,11 +48,18 @@ REGISTRY.register(LinkStateCollector())
 
 
 def allowed(request: HttpRequest) -> bool:
+    """Fail closed. With METRICS_TOKEN set, the token is required (no address is enough). Without
+    it, the client's address must be on METRICS_ALLOWED_IPS; a forwarded request counts only
+    through a TRUSTED_PROXIES proxy, and when no list is set, only direct requests from this
+    machine qualify: behind a proxy nothing is served."""
     token = settings.METRICS_TOKEN
-    header = request.headers.get("Authorization", "")
-    if token and hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
-        return True
-    return request.META.get("REMOTE_ADDR", "") in settings.METRICS_ALLOWED_IPS
+    if token:
+        header = request.headers.get("Authorization", "")
+        return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+    address = netaddr.known_client_address(request.META)
+    if settings.METRICS_ALLOWED_IPS:
+        return netaddr.in_networks(address, settings.METRICS_ALLOWED_IPS)
+    return not netaddr.is_forwarded(request.META) and address in netaddr.LOOPBACK
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:

@@ -26,8 +26,9 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from . import __version__
 from . import protocol as p
 from .config import Config, ServiceConfig
+from .resume import Transcript
 from .state import Load, ModelLoad, inflight_path, load_scheduler_state, publish_inflight, read_json
-from .upstream import ConnectFailed, Pool, UpstreamFailed
+from .upstream import ConnectFailed, Pool, Response, UpstreamFailed
 
 log = logging.getLogger("hpcside.serve")
 
@@ -37,7 +38,10 @@ REQUEST_HEADERS = frozenset({"content-type", "accept", "x-request-id"})
 RESPONSE_HEADERS = frozenset({"content-type", "x-request-id", "retry-after"})
 HEADER_VALUE_RE = re.compile(r"^[\x20-\x7e]{0,512}$")
 MAX_STREAMS = 1024
-MAX_RETRIES = 3
+# Attempts per request (each one on an instance that was not known to have failed); the hold bound
+# limits the time they take.
+MAX_ATTEMPTS = 8
+CONTINUABLE = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 HOLD_POLL = 0.5
 PUBLISH_EVERY = 1.0
 
@@ -62,6 +66,18 @@ class Instance:
     token: str
 
 
+class InstanceFailed(Exception):
+    """The instance refused, reset or died during a request."""
+
+
+@dataclass
+class Reply:
+    """What the client has of one response so far, across the instances that served it."""
+
+    head_sent: bool = False
+    transcript: Optional[Transcript] = None
+
+
 class Router:
     """Picks instances from routing.json (re-read when it changes) and counts load."""
 
@@ -74,6 +90,9 @@ class Router:
         self.inflight: Dict[str, int] = {}  # per instance
         self.models: Dict[str, ModelLoad] = {}
         self.dirty = False
+        # Instances that failed a request here, with when: out of routing at once, until a
+        # reconcile that started after the failure lists them as ready again (or drops them).
+        self.suspect: Dict[str, float] = {}
 
     def table(self) -> Dict[str, List[Instance]]:
         try:
@@ -96,10 +115,23 @@ class Router:
                         except (KeyError, ValueError, TypeError):
                             continue
                 self._table = table
+                self._settle_suspects(data.get("generated_at"), table)
         return self._table
 
+    def _settle_suspects(self, generated_at: Any, table: Dict[str, List[Instance]]) -> None:
+        if not self.suspect:
+            return
+        listed = {i.iid for instances in table.values() for i in instances}
+        for iid, since in list(self.suspect.items()):
+            checked_after = isinstance(generated_at, (int, float)) and generated_at > since
+            if iid not in listed or checked_after:
+                del self.suspect[iid]
+
+    def mark_failed(self, iid: str) -> None:
+        self.suspect[iid] = time.time()
+
     def pick(self, model: str, exclude: Set[str]) -> Optional[Instance]:
-        candidates = [i for i in self.table().get(model, []) if i.iid not in exclude]
+        candidates = [i for i in self.table().get(model, []) if i.iid not in exclude and i.iid not in self.suspect]
         if not candidates:
             return None
         return min(candidates, key=lambda i: self.inflight.get(i.iid, 0))
@@ -327,26 +359,63 @@ class Session:
         svc = self.config.service_for_model(model)
         if svc is None:
             raise StreamError(404, "model_not_found", f"model {model!r} does not exist on this platform")
-        tried: Set[str] = set()
-        started = time.monotonic()
+        hold_from = time.monotonic()
+        reply = Reply()
+        attempt = body
+        failures = 0
         while True:
-            inst = self.router.pick(model, tried)
+            inst = self.router.pick(model, set())
             if inst is None:
-                if tried:
-                    raise StreamError(502, "upstream_unreachable", "no instance of the model could be reached",
-                                      retry_after=5)
-                inst = await self.hold(sid, svc, started)
+                try:
+                    inst = await self.hold(sid, svc, hold_from)
+                except StreamError as exc:
+                    if not reply.head_sent:
+                        raise
+                    self.end_cut(sid, reply, exc.message)
+                    return
             self.router.begin(model, inst.iid)
             try:
-                await self.forward(sid, inst, method, path, headers, body)
+                await self.forward(sid, inst, method, path, headers, attempt, reply)
                 return
-            except ConnectFailed:
-                tried.add(inst.iid)
-                if len(tried) >= MAX_RETRIES:
+            except InstanceFailed as exc:
+                # Out of routing here at once; the scheduler checks it now and replaces it if dead.
+                failures += 1
+                hold_from = time.monotonic()  # the hold bound counts from the failure
+                self.router.mark_failed(inst.iid)
+                self.trigger_reconcile(force=True)
+                log.warning("instance %s failed during a request: %s", inst.iid, exc)
+                if reply.head_sent:
+                    next_body = self.continuation(sid, reply, body, failures)
+                    if next_body is None:
+                        return
+                    attempt = next_body
+                elif failures >= MAX_ATTEMPTS:
                     raise StreamError(502, "upstream_unreachable", "no instance of the model could be reached",
                                       retry_after=5) from None
             finally:
                 self.router.end(model, inst.iid)
+
+    def continuation(self, sid: int, reply: Reply, body: bytes, failures: int) -> Optional[bytes]:
+        """The request that continues a cut stream, or None when the stream was ended for the client."""
+        t = reply.transcript
+        if t is None or t.finished or failures > MAX_ATTEMPTS:
+            self.end_cut(sid, reply, "the model instance failed during the reply")
+            return None
+        following = t.continuation(body)
+        if following is None:
+            self.end_cut(sid, reply, f"the model instance failed during the reply: {t.why_not}")
+            return None
+        self.send_json(p.PROGRESS, sid, {"stage": "continuing", "message": "the model instance failed; "
+                                         "continuing the reply on another instance", "elapsed": 0})
+        return following
+
+    def end_cut(self, sid: int, reply: Reply, message: str) -> None:
+        """A reply whose head was sent ends cleanly: error event and [DONE] for a stream, ERROR otherwise."""
+        if reply.transcript is None:
+            self.send_json(p.ERROR, sid, StreamError(502, "upstream_error", message).payload())
+            return
+        self.send(p.encode_data(sid, reply.transcript.ending(message)))
+        self.send(p.encode(p.END, sid))
 
     def answer_locally(self, sid: int, path: str) -> None:
         if path == "/health":
@@ -433,25 +502,51 @@ class Session:
         return "requested", "an instance was requested"
 
     async def forward(self, sid: int, inst: Instance, method: str, path: str, headers: Dict[str, str],
-                      body: bytes) -> None:
+                      body: bytes, reply: Reply) -> None:
+        """One attempt on one instance. The head goes to the client with the first body byte, so an
+        instance that fails before it is retried elsewhere without the client noticing."""
         up_headers = dict(headers)
         up_headers["authorization"] = f"Bearer {inst.token}"
         try:
             response = await self.pool.request(inst.host, inst.port, method, path, up_headers, body)
-        except UpstreamFailed as exc:
-            raise StreamError(502, "upstream_error", str(exc)) from None
-        out_headers = {k.lower(): v for k, v in response.headers if k.lower() in RESPONSE_HEADERS}
-        self.send_json(p.RESPONSE, sid, {"status": response.status, "headers": out_headers, "instance": inst.iid})
+        except (ConnectFailed, UpstreamFailed) as exc:
+            raise InstanceFailed(str(exc)) from None
         agen = response.body
         try:
+            if reply.head_sent and response.status != 200:
+                async for _ in agen:
+                    pass
+                self.end_cut(sid, reply, f"the reply could not be continued (the instance answered {response.status})")
+                return
             async for chunk in agen:
-                self.send(p.encode_data(sid, chunk))
-                await self.writer.drain()
+                if not reply.head_sent:
+                    self.send_head(sid, inst, path, response, reply)
+                out = reply.transcript.feed(chunk) if reply.transcript is not None else chunk
+                if out:
+                    self.send(p.encode_data(sid, out))
+                    await self.writer.drain()
         except UpstreamFailed as exc:
-            raise StreamError(502, "upstream_error", str(exc)) from None
+            raise InstanceFailed(str(exc)) from None
         finally:
             await agen.aclose()  # type: ignore[attr-defined]  # closes the connection on cancel
+        if not reply.head_sent:
+            self.send_head(sid, inst, path, response, reply)
+        t = reply.transcript
+        if t is not None:
+            rest = t.tail()
+            if rest:
+                self.send(p.encode_data(sid, rest))
+            if not t.done:
+                raise InstanceFailed("the stream ended before [DONE]")
         self.send(p.encode(p.END, sid))
+
+    def send_head(self, sid: int, inst: Instance, path: str, response: Response, reply: Reply) -> None:
+        out_headers = {k.lower(): v for k, v in response.headers if k.lower() in RESPONSE_HEADERS}
+        self.send_json(p.RESPONSE, sid, {"status": response.status, "headers": out_headers, "instance": inst.iid})
+        reply.head_sent = True
+        kind = CONTINUABLE.get(path)
+        if kind and response.status == 200 and out_headers.get("content-type", "").startswith("text/event-stream"):
+            reply.transcript = Transcript(kind)
 
 
 async def serve(config: Config) -> int:

@@ -103,38 +103,73 @@ class Handler(BaseHTTPRequestHandler):
             words = ["```python\nprint('hello')\n```\n\n", "Energy: $E=mc^2$.", "\n\n$$\\int_0^1 x\\,dx$$\n"]
         elif "stub:slow" in last:
             delay, repeat = 0.2, 50
+        # Greedy decoding continues a partial assistant message (vLLM's continue_final_message) or a
+        # completion prompt where it stopped: the rest of the same words.
+        done_text = ""
+        if req.get("continue_final_message") and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            done_text = str(messages[-1].get("content") or "")
+        elif self.path == "/v1/completions":
+            prompt = req.get("prompt")
+            done_text = str(prompt[0] if isinstance(prompt, list) and prompt else prompt or "")
+        words = words * repeat
+        skip = _already(words, done_text)
+        words = words[skip:]
+        prompt_tokens = 7 + skip
+        chat = self.path == "/v1/chat/completions"
         created = int(time.time())
         if not req.get("stream"):
             time.sleep(delay * len(words))
             self._json(200, {"id": "chatcmpl-stub", "object": "chat.completion", "created": created,
                              "model": req.get("model"), "choices": [{"index": 0, "finish_reason": "stop",
                              "message": {"role": "assistant", "content": "".join(words)}}],
-                             "usage": self._usage(len(words))})
+                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                                       "total_tokens": prompt_tokens + len(words)}})
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        stream_id = f"chatcmpl-{os.getpid()}-{self.server.requests}" if chat else f"cmpl-{os.getpid()}"
 
         def chunk(obj):
             data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj)) + "\n\n").encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
+        def choice(text, finish):
+            if chat:
+                return {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+        base = {"id": stream_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": req.get("model")}
         try:
-            for word in words * repeat:
-                chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created,
-                       "model": req.get("model"), "choices": [{"index": 0, "delta": {"content": word},
-                                                               "finish_reason": None}]})
+            if chat:  # vLLM's first event: the role, no content
+                chunk({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+            sent = words
+            for i, word in enumerate(sent):
+                chunk({**base, "choices": [choice(word, "stop" if i == len(sent) - 1 else None)]})
                 time.sleep(delay)
             if (req.get("stream_options") or {}).get("include_usage"):
-                chunk({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created,
-                       "model": req.get("model"), "choices": [],
-                       "usage": self._usage(len(words))})
+                chunk({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+                                                        "completion_tokens": len(sent),
+                                                        "total_tokens": prompt_tokens + len(sent)}})
             chunk("[DONE]")
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             self.server.cancelled += 1
+
+
+def _already(words, text):
+    """How many of ``words`` the end of ``text`` already holds."""
+    best, acc = 0, ""
+    for i, word in enumerate(words):
+        acc += word
+        if text.endswith(acc):
+            best = i + 1
+    return best
 
 
 def main():

@@ -279,11 +279,12 @@ class Platform:
 
     # -- requests ----------------------------------------------------------------------
 
-    def _pick(self) -> Connection:
+    async def _pick(self) -> Connection:
         alive = [c for c in self.connections if c.alive]
         if not alive and not self.ever_connected.is_set() and (self.connecting or self.next_attempt == 0.0):
-            # Starting up: give the first connection its chance instead of failing at once.
-            self.ever_connected.wait(self.cfg.connect_timeout)
+            # Starting up: give the first connection its chance instead of failing at once,
+            # waiting in a thread so that the event loop goes on serving everyone else.
+            await asyncio.to_thread(self.ever_connected.wait, self.cfg.connect_timeout)
             alive = [c for c in self.connections if c.alive]
         if not alive:
             retry = max(1.0, round(self.next_attempt - time.monotonic(), 1))
@@ -301,7 +302,7 @@ class Platform:
         if len(body) > p.MAX_REQUEST_BODY:
             raise BridgeError(413, "payload_too_large", "request body too large")
         loop = asyncio.get_running_loop()
-        conn = self._pick()
+        conn = await self._pick()
         try:
             sid, queue = conn.open_stream(loop)
         except LinkError:

@@ -102,6 +102,8 @@ class LocalLink(Link):
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, "SSH_ORIGINAL_COMMAND": cfg.command}
         env.pop("PYTHONPATH", None)
+        # Local jobs end with the web app that started them (hpcside/watchdog.py), even on SIGKILL.
+        env.setdefault("HPCSIDE_OWNER_PID", str(os.getpid()))
         try:
             self.proc = subprocess.Popen(
                 [cfg.python or sys.executable, "-E", "-s", "-m", "hpcside", "--config", cfg.hpcside_config,

@@ -13,12 +13,17 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .state import read_json, write_json
+from .watchdog import group_members
+
+WATCHDOG = Path(__file__).resolve().with_name("watchdog.py")
+OWNER_ENV = "HPCSIDE_OWNER_PID"  # the embedded default's web app: its jobs end with it
 
 
 class LauncherError(Exception):
@@ -193,17 +198,24 @@ class LocalLauncher(Launcher):
 
     def submit(self, script: Path, name: str, output: Path, walltime: float) -> str:
         job_id = self._next_id()
+        record = self.dir / f"{job_id}.json"
         env = {**os.environ, "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": name}
+        # The watchdog leads the job's group: nothing of the job outlives it, its record or its owner.
+        argv = [sys.executable, str(WATCHDOG), "--record", str(record), "--grace", str(self.KILL_AFTER - 2)]
+        owner = env.pop(OWNER_ENV, "")
+        if owner.isdigit() and _proc_start_time(int(owner)) is not None:
+            argv += ["--owner", owner, str(_proc_start_time(int(owner)))]
+        argv += ["--", "/bin/bash", str(script)]
         try:
             with open(output, "ab") as out:
                 os.chmod(output, 0o600)
                 proc = subprocess.Popen(
-                    ["/bin/bash", str(script)], stdin=subprocess.DEVNULL, stdout=out,
+                    argv, stdin=subprocess.DEVNULL, stdout=out,
                     stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True,
                 )
         except OSError as exc:
             raise SubmissionError(f"cannot start {script}: {exc.strerror}") from None
-        write_json(self.dir / f"{job_id}.json", {
+        write_json(record, {
             "job_id": job_id, "name": name, "pid": proc.pid, "start": _proc_start_time(proc.pid),
             "submitted_at": time.time(), "walltime": walltime, "cancelled_at": None,
         })
@@ -227,6 +239,7 @@ class LocalLauncher(Launcher):
         for rec in self._records():
             path = self.dir / f"{rec['job_id']}.json"
             if not self._alive(rec):
+                self._end_leftovers(rec)
                 path.unlink(missing_ok=True)
                 continue
             elapsed = now - rec["submitted_at"]
@@ -243,6 +256,12 @@ class LocalLauncher(Launcher):
             state = "COMPLETING" if cancelled else "RUNNING"
             jobs.append(Job(rec["job_id"], rec["name"], state, socket.gethostname(), max(left, 0.0)))
         return jobs
+
+    def _end_leftovers(self, rec: Dict) -> None:
+        """The leader is gone; what is left of its group (its watchdog was killed, say) goes too.
+        The group id cannot have been reused while any member lives."""
+        if group_members(rec["pid"]):
+            self._signal(rec, signal.SIGKILL)
 
     def _signal(self, rec: Dict, sig: int) -> None:
         try:
@@ -264,11 +283,11 @@ class LocalLauncher(Launcher):
         for rec in recs:
             self._signal(rec, signal.SIGTERM)
         deadline = time.monotonic() + self.KILL_AFTER
-        while any(self._alive(r) for r in recs) and time.monotonic() < deadline:
+        while any(group_members(r["pid"]) for r in recs) and time.monotonic() < deadline:
             time.sleep(0.1)
         for rec in recs:
-            if self._alive(rec):
-                self._signal(rec, signal.SIGKILL)
+            if group_members(rec["pid"]):
+                self._signal(rec, signal.SIGKILL)  # a child that ignores TERM, say
             (self.dir / f"{rec['job_id']}.json").unlink(missing_ok=True)
         return len(recs)
 

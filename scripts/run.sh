@@ -71,7 +71,7 @@ if [ "$up" = 0 ]; then echo "the web app does not answer on ${URL}healthz; see i
 
 if [ "$embedded" = 1 ]; then
   step "starting the model (vLLM on CPU)"
-  .venv/bin/python manage.py embedded warm --timeout 300
+  HPCSIDE_OWNER_PID=$daphne_pid .venv/bin/python manage.py embedded warm --timeout 300
 fi
 
 step "Chat AI is ready: $URL"

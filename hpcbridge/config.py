@@ -43,7 +43,7 @@ def parse_platform(raw: Any, index: int) -> PlatformConfig:
         if key not in known:
             raise PlatformConfigError(f"{where}.{key}: unknown field")
     name = raw.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise PlatformConfigError(f"{where}.name: required, lowercase letters, digits, '-' or '_'")
     where = f"HPC_PLATFORMS[{name}]"
     values = dict(raw)

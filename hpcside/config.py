@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 SERVICE_PREFIX = "service:"
+# Every pattern below is applied with ``fullmatch``: ``$`` alone also matches before a trailing
+# newline, which would let "value\n" through into a job script or a request head.
 SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # A served model id may look like a Hugging Face name ("org/Model-1.5B"): no spaces,
 # no shell or path tricks, bounded.
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$")
 SLURM_WORD_RE = re.compile(r"^[A-Za-z0-9_.,:=+-]{1,128}$")
 SBATCH_OPTION_RE = re.compile(r"^--[a-z][a-z-]*(=[A-Za-z0-9_.,:=/+@%-]+)?$")
+ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 BUILTIN_TEMPLATES = ("vllm-gpu", "vllm-cpu")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -44,10 +47,10 @@ _UNITS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 def parse_duration(text: str) -> float:
     """Seconds from "90", "90s", "5m", "2h", "1d" or Slurm's "[D-]HH:MM:SS" / "MM:SS"."""
     text = text.strip().lower()
-    m = _DURATION_RE.match(text)
+    m = _DURATION_RE.fullmatch(text)
     if m:
         return float(m.group(1)) * _UNITS[m.group(2)]
-    slurm = re.match(r"^(?:(\d+)-)?(\d{1,2}):(\d{2})(?::(\d{2}))?$", text)
+    slurm = re.fullmatch(r"(?:(\d+)-)?(\d{1,2}):(\d{2})(?::(\d{2}))?", text)
     if slurm:
         days, a, b, c = slurm.groups()
         if c is None:  # MM:SS unless a day part makes it D-HH:MM
@@ -66,6 +69,37 @@ def slurm_time(seconds: float) -> str:
     days, rem = divmod(minutes, 1440)
     hours, mins = divmod(rem, 60)
     return f"{days}-{hours:02d}:{mins:02d}:00" if days else f"{hours:02d}:{mins:02d}:00"
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "65536", "512K", "64M", "64MiB" or "1G" (binary units)."""
+    m = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", text.strip())
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text.strip()!r} is not a size (examples: 65536, 512K, 64M, 1G)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def _size_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = parse_size(text)
+        if value < minimum:
+            raise ValueError(f"{text.strip()!r} is below the minimum of {minimum} bytes")
+        return value
+
+    return parse
+
+
+def _duration_at_least(minimum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = parse_duration(text)
+        if value < minimum:
+            raise ValueError(f"{text.strip()!r} is below the minimum of {minimum:g}s")
+        return value
+
+    return parse
 
 
 def _parse_int(text: str, minimum: int = 0) -> int:
@@ -125,7 +159,7 @@ def _parse_days(text: str) -> Tuple[int, ...]:
 def _parse_clock(text: str) -> Optional[dt.time]:
     if text == "24:00":
         return None
-    m = re.match(r"^(\d{1,2}):(\d{2})$", text)
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
     if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
         raise ValueError(f"{text!r} is not a time of day HH:MM")
     return dt.time(int(m.group(1)), int(m.group(2)))
@@ -225,6 +259,12 @@ class Settings:
     sbatch_args: Tuple[str, ...] = ()
     timezone: str = ""
     hold_timeout: float = 600.0
+    # Memory a session server may hold for request bodies (one key holder must not exhaust the
+    # login node): all bodies of one session (being received, held or forwarded), the time a
+    # body may take from REQUEST to END, and the bodies of requests held through a cold start.
+    session_body_budget: int = 64 * 1024 * 1024
+    body_timeout: float = 30.0
+    held_body_budget: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -280,7 +320,7 @@ class _Reader:
 def _pattern(regex: re.Pattern[str], what: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
-        if not regex.match(value):
+        if not regex.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid {what}")
         return value
 
@@ -290,7 +330,7 @@ def _pattern(regex: re.Pattern[str], what: str) -> Callable[[str], str]:
 def _sbatch_args(text: str) -> Tuple[str, ...]:
     args = tuple(shlex.split(text))
     for arg in args:
-        if not SBATCH_OPTION_RE.match(arg):
+        if not SBATCH_OPTION_RE.fullmatch(arg):
             raise ValueError(f"{arg!r} is not an sbatch option of the form --name=value")
     return args
 
@@ -312,7 +352,7 @@ def _env(text: str) -> Tuple[Tuple[str, str], ...]:
     pairs = []
     for item in shlex.split(text):
         key, sep, value = item.partition("=")
-        if not sep or not re.match(r"^[A-Z_][A-Z0-9_]*$", key):
+        if not sep or not ENV_KEY_RE.fullmatch(key):
             raise ValueError(f"{item!r} is not NAME=value")
         if key == "VLLM_API_KEY":
             raise ValueError("VLLM_API_KEY is set by hpcside from the instance's own token")
@@ -342,7 +382,7 @@ def _template(base: Path) -> Callable[[str], str]:
 
 def _memory(text: str) -> str:
     value = text.strip()
-    if value and not re.match(r"^\d+[KMGT]?$", value):
+    if value and not re.fullmatch(r"\d+[KMGT]?", value):
         raise ValueError(f"{value!r} is not a Slurm memory size such as 64G")
     return value
 
@@ -399,6 +439,9 @@ def load(path: Path) -> Config:
         sbatch_args=r.get("sbatch_args", _sbatch_args, ()),
         timezone=r.get("timezone", _timezone, ""),
         hold_timeout=r.get("hold_timeout", parse_duration, 600.0),
+        session_body_budget=r.get("session_body_budget", _size_at_least(1024 * 1024), 64 * 1024 * 1024),
+        body_timeout=r.get("body_timeout", _duration_at_least(1.0), 30.0),
+        held_body_budget=r.get("held_body_budget", _size_at_least(0), 32 * 1024 * 1024),
     )
     r.unknown(parser["__defaults__"])
     problems += r.problems
@@ -413,7 +456,7 @@ def load(path: Path) -> Config:
             continue
         name = section[len(SERVICE_PREFIX):]
         label = section
-        if not SERVICE_NAME_RE.match(name):
+        if not SERVICE_NAME_RE.fullmatch(name):
             problems.append(f"{path}: [{label}]: service name must be letters, digits, '.', '_' or '-'")
             continue
         s = _Reader(path, parser[section], label)

@@ -91,6 +91,7 @@ def authorized_key_line(pubkey: str, python: str, root: str, config_path: str) -
         if any(c in value for c in "\"\\\n' $`;&|<>"):
             raise ValueError(f"{value!r}: paths with quotes, spaces or shell characters are not supported")
     command = f"cd {root} && exec {python} -E -s -m hpcside --config {config_path} forcecommand"
-    options = f'command="{command}",no-port-forwarding,no-agent-forwarding,no-X11-forwarding,no-pty,no-user-rc'
+    # restrict: no forwarding of any kind, no pty, no ~/.ssh/rc, and whatever OpenSSH adds to it later.
+    options = f'restrict,command="{command}"'
     return f"{options} {' '.join(parts[:3])}"
 

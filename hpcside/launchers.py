@@ -68,14 +68,14 @@ def parse_sbatch(stdout: str) -> str:
     """``sbatch --parsable`` prints ``JOBID`` or ``JOBID;CLUSTER``."""
     first = stdout.strip().splitlines()[0] if stdout.strip() else ""
     job_id = first.split(";", 1)[0]
-    if not re.match(r"^\d+$", job_id):
+    if not re.fullmatch(r"\d+", job_id):
         raise SubmissionError(f"sbatch printed no job id: {stdout.strip()[:200]!r}")
     return job_id
 
 
 def parse_time_left(text: str) -> Optional[float]:
     """squeue's %L: ``[D-][HH:]MM:SS``, or UNLIMITED / NOT_SET / INVALID."""
-    m = re.match(r"^(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)$", text.strip())
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
     if not m:
         return None
     days, hours, mins, secs = (int(g or 0) for g in m.groups())
@@ -90,7 +90,7 @@ def parse_squeue(stdout: str, prefix: str) -> List[Job]:
         if len(parts) != 6:
             continue
         job_id, name, state, node, left, reason = (p.strip() for p in parts)
-        if not name.startswith(prefix) or not re.match(r"^\d+(_\d+)?$", job_id):
+        if not name.startswith(prefix) or not re.fullmatch(r"\d+(_\d+)?", job_id):
             continue
         node = "" if node in ("", "(null)") else node
         reason = "" if reason in ("None", "(null)") else reason

@@ -21,6 +21,7 @@ VERSION = 1
 MAX_FRAME = 256 * 1024  # payload bytes per frame; a body is split across DATA frames
 MAX_REQUEST_BODY = 16 * 1024 * 1024
 MAX_JSON = 64 * 1024  # control frames are small
+MAX_JSON_DEPTH = 32  # ours nest 3 deep; deeper ones are refused before any code walks them
 MAX_STREAM_ID = 2**31 - 1
 HEADER = struct.Struct(">IBI")
 
@@ -34,6 +35,14 @@ JSON_TYPES = frozenset({HELLO, REQUEST, RESPONSE, ERROR, PROGRESS, PING, PONG})
 
 class ProtocolError(Exception):
     """The peer broke the protocol; the session must end."""
+
+
+class TooDeep(ProtocolError):
+    """A control payload nests deeper than MAX_JSON_DEPTH.
+
+    On a request stream the receiver refuses that stream only (ERROR 400) and the session goes
+    on; on stream 0 it is a protocol error like any other malformed control frame.
+    """
 
 
 @dataclass(frozen=True)
@@ -75,11 +84,35 @@ def decode_json(payload: bytes) -> Dict[str, Any]:
         raise ProtocolError("control frame too large")
     try:
         obj = json.loads(payload.decode("utf-8"))
+    except RecursionError:  # thousands of brackets: the parser itself gives up
+        raise TooDeep(f"control frame nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("control frame is not JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control frame is not a JSON object")
+    # Counting brackets is C speed; only a payload with many of them is walked.
+    if payload.count(b"[") + payload.count(b"{") > MAX_JSON_DEPTH and _depth(obj) > MAX_JSON_DEPTH:
+        raise TooDeep(f"control frame nests deeper than {MAX_JSON_DEPTH} levels")
     return obj
+
+
+def _depth(obj: Any) -> int:
+    """How deep lists and objects nest in ``obj``, without recursion (stops past the limit)."""
+    deepest = 0
+    todo = [(obj, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class Decoder:

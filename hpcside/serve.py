@@ -36,7 +36,7 @@ ALLOWED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embed
 ALLOWED_METHODS = {"/v1/models": "GET", "/health": "GET"}  # the others are POST
 REQUEST_HEADERS = frozenset({"content-type", "accept", "x-request-id"})
 RESPONSE_HEADERS = frozenset({"content-type", "x-request-id", "retry-after"})
-HEADER_VALUE_RE = re.compile(r"^[\x20-\x7e]{0,512}$")
+HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]{0,512}")  # fullmatch: no trailing newline slips through
 MAX_STREAMS = 1024
 # Attempts per request (each one on an instance that was not known to have failed); the hold bound
 # limits the time they take.
@@ -44,6 +44,15 @@ MAX_ATTEMPTS = 8
 CONTINUABLE = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 HOLD_POLL = 0.5
 PUBLISH_EVERY = 1.0
+
+
+@dataclass
+class Upload:
+    """A request body being received: REQUEST came, END not yet; ``timer`` enforces body_timeout."""
+
+    head: Dict[str, Any]
+    data: bytearray
+    timer: asyncio.TimerHandle
 
 
 class StreamError(Exception):
@@ -168,7 +177,14 @@ class Session:
         # 3 s covers one lost SYN (retransmitted after 1 s) on a busy instance.
         self.pool = Pool(connect_timeout=3.0)
         self.tasks: Dict[int, asyncio.Future[None]] = {}
-        self.bodies: Dict[int, Tuple[Dict[str, Any], bytearray]] = {}
+        # Request bodies in memory, bounded (settings: session_body_budget, body_timeout,
+        # held_body_budget): bodies being received, and the size of each body whose stream runs
+        # (held or forwarded); ``body_bytes`` is the sum of both, ``held_bytes`` the held part.
+        self.bodies: Dict[int, Upload] = {}
+        self.running_bytes: Dict[int, int] = {}
+        self.body_bytes = 0
+        self.held_bytes = 0
+        self.last_forced = -1e9  # monotonic time of the last forced reconcile of this session
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile")
         self.reconciling: Optional[asyncio.Future] = None
         self.scheduler: Any = None
@@ -252,33 +268,68 @@ class Session:
             if sid == 0 or sid in self.bodies or sid in self.tasks:
                 raise p.ProtocolError(f"stream {sid} is 0 or already in use")
             if len(self.tasks) + len(self.bodies) >= MAX_STREAMS:
-                self.send_json(p.ERROR, sid, StreamError(429, "too_many_streams",
-                                                         f"more than {MAX_STREAMS} streams on one session").payload())
+                self.refuse(sid, StreamError(429, "too_many_streams",
+                                             f"more than {MAX_STREAMS} streams on one session"))
                 return
-            self.bodies[sid] = (frame.json(), bytearray())
+            try:
+                head = frame.json()
+            except p.TooDeep as exc:  # refuse this request, keep the session
+                self.refuse(sid, StreamError(400, "bad_request", str(exc)))
+                return
+            timer = asyncio.get_running_loop().call_later(self.config.settings.body_timeout, self._body_late, sid)
+            self.bodies[sid] = Upload(head, bytearray(), timer)
         elif frame.type == p.DATA:
             pending = self.bodies.get(sid)
             if pending is None:
                 return  # data for a stream that was refused or cancelled
-            pending[1].extend(frame.payload)
-            if len(pending[1]) > p.MAX_REQUEST_BODY:
-                del self.bodies[sid]
-                self.send_json(p.ERROR, sid, StreamError(413, "payload_too_large", "request body too large").payload())
+            size = len(pending.data) + len(frame.payload)
+            budget = self.config.settings.session_body_budget
+            if size > p.MAX_REQUEST_BODY or size > budget:
+                self.drop_upload(sid)
+                self.refuse(sid, StreamError(413, "payload_too_large", "request body too large"))
+            elif self.body_bytes + len(frame.payload) > budget:
+                self.drop_upload(sid)
+                self.refuse(sid, StreamError(429, "body_budget_exceeded", "request bodies on this session exceed "
+                                             f"{budget} bytes; retry shortly", retry_after=1))
+            else:
+                pending.data.extend(frame.payload)
+                self.body_bytes += len(frame.payload)
         elif frame.type == p.END:
-            pending = self.bodies.pop(sid, None)
+            pending = self.drop_upload(sid)
             if pending is not None:
-                self.tasks[sid] = asyncio.ensure_future(self.serve_stream(sid, pending[0], bytes(pending[1])))
+                head, body = pending.head, bytes(pending.data)
+                del pending  # one copy of the body from here on
+                self.running_bytes[sid] = len(body)
+                self.body_bytes += len(body)
+                self.tasks[sid] = asyncio.ensure_future(self.serve_stream(sid, head, body))
                 self.tasks[sid].add_done_callback(partial(self._finished, sid))
         elif frame.type == p.CANCEL:
-            self.bodies.pop(sid, None)
+            self.drop_upload(sid)
             running = self.tasks.get(sid)
             if running is not None:
                 running.cancel()
         else:
             raise p.ProtocolError(f"unexpected {p.NAMES[frame.type]} frame from the client")
 
+    def refuse(self, sid: int, error: StreamError) -> None:
+        self.send_json(p.ERROR, sid, error.payload())
+
+    def drop_upload(self, sid: int) -> Optional[Upload]:
+        """Forget a body being received (complete, refused or cancelled) and un-count its bytes."""
+        pending = self.bodies.pop(sid, None)
+        if pending is not None:
+            pending.timer.cancel()
+            self.body_bytes -= len(pending.data)
+        return pending
+
+    def _body_late(self, sid: int) -> None:
+        if self.drop_upload(sid) is not None:
+            self.refuse(sid, StreamError(408, "body_timeout", "the request body did not complete within "
+                                         f"{self.config.settings.body_timeout:g}s"))
+
     def _finished(self, sid: int, _task: asyncio.Future[None]) -> None:
         self.tasks.pop(sid, None)
+        self.body_bytes -= self.running_bytes.pop(sid, 0)
 
     # -- ping and the scheduler --------------------------------------------------------
 
@@ -292,6 +343,13 @@ class Session:
     def trigger_reconcile(self, force: bool) -> None:
         if self.reconciling is not None and not self.reconciling.done():
             return
+        # At most one forced reconcile per min_interval from this session (held requests ask every
+        # HOLD_POLL); in between, the scheduler's own min_interval decides.
+        now = time.monotonic()
+        if force and now - self.last_forced < self.config.settings.min_interval:
+            force = False
+        if force:
+            self.last_forced = now
         # The router's counts belong to the event loop: copy them here, write them in the thread.
         snapshot = self.router.snapshot()
         loop = asyncio.get_running_loop()
@@ -347,7 +405,7 @@ class Session:
             raise StreamError(400, "bad_request", "headers must be an object")
         for key, value in raw.items():
             if isinstance(key, str) and key.lower() in REQUEST_HEADERS and isinstance(value, str) \
-                    and HEADER_VALUE_RE.match(value):
+                    and HEADER_VALUE_RE.fullmatch(value):
                 headers[key.lower()] = value
         return method, path, model, headers
 
@@ -455,6 +513,7 @@ class Session:
 
     async def hold(self, sid: int, svc: ServiceConfig, started: float) -> Instance:
         """No instance is ready: ask the scheduler now and wait, with progress, up to hold_timeout."""
+        held = self.admit_held(sid)
         load = self.router.load(svc.model)
         load.waiting += 1
         load.last_request_at = time.time()
@@ -481,8 +540,19 @@ class Session:
                     last_stage, last_sent = stage, elapsed
                 await asyncio.sleep(HOLD_POLL)
         finally:
+            self.held_bytes -= held
             load.waiting = max(0, load.waiting - 1)
             self.router.dirty = True
+
+    def admit_held(self, sid: int) -> int:
+        """Count this stream's body as held through a cold start, or refuse it over held_body_budget."""
+        size = self.running_bytes.get(sid, 0)
+        budget = self.config.settings.held_body_budget
+        if size and self.held_bytes + size > budget:
+            raise StreamError(503, "hold_full", "too many request bytes on this session are waiting for a model "
+                              f"to start (held_body_budget {budget} bytes); retry later", retry_after=5)
+        self.held_bytes += size
+        return size
 
     def stage_of(self, svc: ServiceConfig) -> Tuple[str, str]:
         state = load_scheduler_state(self.config.settings.state_dir)
@@ -560,5 +630,3 @@ async def serve(config: Config) -> int:
 
 def run_serve(config: Config) -> int:
     return asyncio.run(serve(config))
-
-

@@ -72,7 +72,7 @@ def read_json(path: Path) -> Optional[Any]:
 
 
 def valid_iid(iid: str) -> bool:
-    return bool(_IID_RE.match(iid))
+    return bool(_IID_RE.fullmatch(iid))
 
 
 # -- the scheduler's bookkeeping ------------------------------------------------------
@@ -170,7 +170,7 @@ def read_endpoint(state_dir: Path, iid: str) -> Optional[Dict[str, Any]]:
     if not isinstance(data, dict):
         return None
     host, port = data.get("host"), data.get("port")
-    if not isinstance(host, str) or not _HOST_RE.match(host):
+    if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
         return None
     if not isinstance(port, int) or not 0 < port < 65536:
         return None

@@ -103,6 +103,35 @@ def test_hostile_slurm_values_are_refused(tmp_path: Path) -> None:
     assert any("[service:small] sbatch_args" in p for p in found)
 
 
+def test_an_env_key_with_a_newline_is_a_config_error_naming_the_field(tmp_path: Path) -> None:
+    # An INI continuation line puts a newline inside the quoted word: "FOO\n=bar".
+    found = problems(write(tmp_path, GOOD + 'env = "FOO\n  =bar"\n'))
+    assert any(p.startswith(f"{tmp_path / 'services.ini'}: [service:small] env:") for p in found), found
+
+
+def test_an_sbatch_option_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, GOOD + 'sbatch_args = "--constraint=a100\n  "\n'))
+    assert any("[service:small] sbatch_args" in p for p in found), found
+    found = problems(write(tmp_path, GOOD.replace("launcher = local", 'sbatch_args = "--qos=x\n  "')))
+    assert any("[hpcside] sbatch_args" in p for p in found), found
+
+
+def test_session_memory_bounds_have_safe_defaults_and_are_validated(tmp_path: Path) -> None:
+    settings = load(write(tmp_path, GOOD)).settings
+    assert settings.session_body_budget == 64 * 1024 * 1024 and settings.body_timeout == 30
+    assert settings.held_body_budget == 32 * 1024 * 1024
+    text = GOOD.replace("launcher = local", "launcher = local\nsession_body_budget = 128M\nbody_timeout = 1m\n"
+                                            "held_body_budget = 512K")
+    settings = load(write(tmp_path, text)).settings
+    got = (settings.session_body_budget, settings.body_timeout, settings.held_body_budget)
+    assert got == (128 << 20, 60, 512 << 10)
+    text = GOOD.replace("launcher = local", "launcher = local\nsession_body_budget = 1000\nbody_timeout = 0s\n"
+                                            "held_body_budget = lots")
+    found = problems(write(tmp_path, text))
+    for field in ("session_body_budget", "body_timeout", "held_body_budget"):
+        assert any(f"[hpcside] {field}:" in p for p in found), (field, found)
+
+
 def test_two_services_cannot_serve_the_same_model(tmp_path: Path) -> None:
     text = GOOD + GOOD.split("\n", 5)[5].replace("[service:small]", "[service:other]")
     found = problems(write(tmp_path, text))

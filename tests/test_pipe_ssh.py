@@ -93,6 +93,14 @@ def test_the_key_cannot_forward_ports_or_get_a_terminal(sshd: SSHServer) -> None
     assert b"PTY allocation request failed" in tty.stderr or b"pty" in tty.stderr.lower()
 
 
+def test_the_key_line_uses_restrict_with_the_forced_command(sshd: SSHServer) -> None:
+    # restrict turns off every forwarding, the pty and ~/.ssh/rc, and whatever later OpenSSH adds;
+    # the tests above show this sshd honours it.
+    line = (sshd.root / "authorized_keys" / sshd.account.name).read_text()
+    options = line.split(" ssh-ed25519 ")[0]
+    assert options.startswith('restrict,command="') and options.endswith(' forcecommand"'), options
+
+
 def test_the_allowed_verbs_answer(sshd: SSHServer) -> None:
     version = sshd.ssh(command="version")
     assert version.returncode == 0 and version.stdout.startswith(b"hpcside ")

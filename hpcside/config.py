@@ -225,7 +225,7 @@ class ServiceConfig:
     renewal_margin: float = 1800.0
     readiness_timeout: float = 900.0
     unhealthy_grace: float = 30.0
-    drain_timeout: float = 600.0
+    drain_timeout: float = 0.0  # 0: a draining instance waits for its last stream
     capacity: Tuple[CapacityWindow, ...] = ()
 
     def bounds_at(self, when: dt.datetime) -> Tuple[int, int]:
@@ -484,7 +484,7 @@ def load(path: Path) -> Config:
             renewal_margin=s.get("renewal_margin", parse_duration, 1800.0),
             readiness_timeout=s.get("readiness_timeout", parse_duration, 900.0),
             unhealthy_grace=s.get("unhealthy_grace", parse_duration, 30.0),
-            drain_timeout=s.get("drain_timeout", parse_duration, 600.0),
+            drain_timeout=s.get("drain_timeout", parse_duration, 0.0),
             capacity=tuple(s.get("capacity", parse_capacity, [])),
         )
         if svc.min_instances > svc.max_instances:

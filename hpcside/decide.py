@@ -267,7 +267,7 @@ class _Decider:
         since = inst.drain_since or self.now
         if busy == 0 and self.now - since >= DRAIN_SETTLE:
             self.cancel(inst, "drained and idle")
-        elif svc is not None and self.now - since >= svc.drain_timeout:
+        elif svc is not None and svc.drain_timeout and self.now - since >= svc.drain_timeout:
             self.cancel(inst, f"drain timeout with {busy} requests in flight")
         elif inst.expires_at is not None and inst.expires_at - self.now <= 60:
             self.cancel(inst, "walltime ends")

@@ -159,6 +159,19 @@ def test_a_draining_instance_with_requests_in_flight_is_kept_until_the_drain_tim
     assert any(c.iid == inst.iid for c in w.step(201).cancels)
 
 
+def test_by_default_a_draining_instance_waits_for_its_last_stream_or_its_walltime() -> None:
+    w = World(svc(min_instances=1, scale_down_delay=0, drain_timeout=0, walltime=7200))
+    w.bring_up()
+    (inst,) = w.ready()
+    w.state.instances[inst.iid].phase = "draining"
+    w.state.instances[inst.iid].drain_since = w.now
+    w.set_load(inflight=1, per_instance={inst.iid: 1})
+    assert not any(c.iid == inst.iid for c in w.step(3000).cancels)  # a long stream, still served
+    w.jobs[inst.iid] = dataclasses.replace(w.jobs[inst.iid], time_left=50)  # Slurm: under a minute left
+    plan = w.step()
+    assert [c.reason for c in plan.cancels if c.iid == inst.iid] == ["walltime ends"]
+
+
 def test_it_cancels_queued_jobs_before_draining_ready_ones() -> None:
     w = World(svc(min_instances=1, max_instances=3, scale_up_inflight=1, scale_down_delay=0))
     w.bring_up()

@@ -199,6 +199,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY + 1024
 GATEWAY_MODELS_TTL = envint("GATEWAY_MODELS_TTL", 5)
 # Seconds an edited rate-limit policy or group membership takes to apply (they are cached in each worker).
 GATEWAY_POLICY_TTL = envint("GATEWAY_POLICY_TTL", 5)
+# Failed /v1 authentications (missing, malformed or unknown key) per client address and minute
+# before the address gets 429 until the minute is over (0: no limit); seconds an unknown key
+# prefix is remembered, so repeating it costs no database query.
+GATEWAY_AUTH_FAILURES_PER_MINUTE = envint("GATEWAY_AUTH_FAILURES_PER_MINUTE", 60)
+GATEWAY_UNKNOWN_KEY_TTL = envint("GATEWAY_UNKNOWN_KEY_TTL", 60)
 # Limits for users with no policy (None: unlimited).
 GATEWAY_DEFAULT_LIMITS = {
     "requests_per_minute": envint("LIMIT_REQUESTS_PER_MINUTE", 120),

@@ -2,14 +2,16 @@
 
 Everything the database knows about the caller (key and user, groups, rate limits) is read
 by one sync function in a worker thread, instead of one thread hop per query: on ASGI each
-hop costs more than the query itself.
+hop costs more than the query itself. Failed authentications are counted per client address:
+beyond GATEWAY_AUTH_FAILURES_PER_MINUTE, the address gets 429 until the minute is over,
+before any database work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, FrozenSet, Optional
+from typing import Any, FrozenSet, List, Optional, Tuple
 
 from django.conf import settings
 from django.contrib.auth import get_user
@@ -17,9 +19,11 @@ from django.db import close_old_connections
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 
+from chatai.netaddr import client_address
+from chatai.oidc import session_is_current
 from gateway.errors import ApiError
 from gateway.keys import api_key_authenticate, api_key_touch
-from gateway.limits import Limits, group_ids_of, limits_for
+from gateway.limits import Limits, group_ids_of, key_limits_for, limiter, user_limits_for
 from gateway.models import ApiKey
 from gateway.threads import in_thread
 
@@ -31,39 +35,64 @@ class Caller:
     user: Any
     key: Optional[ApiKey]
     group_ids: FrozenSet[int]
-    limits: Limits
+    limits: Limits  # the user's, for all their keys and the chat page together
+    key_limits: Optional[Limits] = None  # the key's own policy, on top of the user's
 
     @property
     def subject(self) -> str:
-        """Whose counters the limits use: the key's own, or the user's for the chat page."""
-        return f"k{self.key.pk}" if self.key is not None else f"u{self.user.pk}"
+        """The user's counters: one set per user, whichever key or session calls."""
+        return f"u{self.user.pk}"
+
+    def buckets(self) -> List[Tuple[str, Limits]]:
+        """Every set of counters a request of this caller counts in: the user's, and the key's own."""
+        out = [(self.subject, self.limits)]
+        if self.key is not None and self.key_limits is not None:
+            out.append((f"k{self.key.pk}", self.key_limits))
+        return out
 
 
 def _complete(user: Any, key: Optional[ApiKey]) -> Caller:
     groups = group_ids_of(user)
-    return Caller(user, key, groups, limits_for(user, key, groups))
+    return Caller(user, key, groups, user_limits_for(user, groups), key_limits_for(key))
 
 
-def _by_key(token: str) -> Caller:
+def _refused(wait: float) -> ApiError:
+    return ApiError(429, f"Too many failed authentications from your address. Retry after {wait:.0f}s.",
+                    code="rate_limit_exceeded", retry_after=wait)
+
+
+def _failed(address: str, error: ApiError) -> ApiError:
+    """Count a failed authentication: its own error, or 429 once the address is over the limit."""
+    wait = limiter.auth_failed_sync(address, settings.GATEWAY_AUTH_FAILURES_PER_MINUTE)
+    return _refused(wait) if wait else error
+
+
+def _by_key(token: str, address: str) -> Caller:
     close_old_connections()  # this worker thread's connection may have aged or broken
+    wait = limiter.auth_blocked_sync(address, settings.GATEWAY_AUTH_FAILURES_PER_MINUTE)
+    if wait:
+        raise _refused(wait)
     key = api_key_authenticate(token)
     if key is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        raise _failed(address, ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
     if not key.is_active():
-        raise ApiError(401, "This API key has expired or was revoked.", code="invalid_api_key")
+        raise _failed(address, ApiError(401, "This API key has expired or was revoked.", code="invalid_api_key"))
     if not key.user.is_active:
-        raise ApiError(401, "The account of this API key is disabled.", code="invalid_api_key")
+        raise _failed(address, ApiError(401, "The account of this API key is disabled.", code="invalid_api_key"))
     api_key_touch(key)
     return _complete(key.user, key)
 
 
-def _by_session(request: HttpRequest) -> Optional[Caller]:
+def _by_session(request: HttpRequest, address: str) -> Optional[Caller]:
     close_old_connections()
+    wait = limiter.auth_blocked_sync(address, settings.GATEWAY_AUTH_FAILURES_PER_MINUTE)
+    if wait:
+        raise _refused(wait)
     request.session = import_module(settings.SESSION_ENGINE).SessionStore(  # type: ignore[attr-defined]
         request.COOKIES[settings.SESSION_COOKIE_NAME])
     user = get_user(request)  # type: ignore[arg-type]
-    if not user.is_authenticated:
-        return None
+    if not user.is_authenticated or not session_is_current(request.session):
+        return None  # signed out, disabled, or single sign-on's check with the provider is due
     return _complete(user, None)
 
 
@@ -74,18 +103,26 @@ def csrf_passes(request: HttpRequest) -> bool:
 
 
 async def caller_of(request: HttpRequest) -> Caller:
+    address = client_address(request.META) or "unknown"  # behind TRUSTED_PROXIES: the forwarded client
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "The Authorization header must be 'Bearer <API key>'.", code="invalid_api_key")
-        return await in_thread(_by_key, token.strip())
+            raise await _failed_async(address, ApiError(401, "The Authorization header must be 'Bearer <API key>'.",
+                                                        code="invalid_api_key"))
+        return await in_thread(_by_key, token.strip(), address)
     if request.COOKIES.get(settings.SESSION_COOKIE_NAME):
-        caller = await in_thread(_by_session, request)
+        caller = await in_thread(_by_session, request, address)
         if caller is not None:
             if request.method not in SAFE_METHODS and not csrf_passes(request):
                 # The chat page uses the same endpoints with its session: it must prove it is our page.
                 raise ApiError(403, "CSRF verification failed.", code="csrf_failed")
             return caller
-    raise ApiError(401, "You didn't provide an API key. Use 'Authorization: Bearer <API key>'.",
-                   code="missing_api_key")
+    raise await _failed_async(address, ApiError(
+        401, "You didn't provide an API key. Use 'Authorization: Bearer <API key>'.", code="missing_api_key"))
+
+
+async def _failed_async(address: str, error: ApiError) -> ApiError:
+    if limiter.inline:
+        return _failed(address, error)
+    return await in_thread(_failed, address, error)

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import caches
 from django.db import connection
 from django.utils import timezone
 
@@ -32,6 +33,7 @@ def api_key_create(*, user: AbstractBaseUser, name: str, expires_at: Optional[dt
     secret = secrets.token_urlsafe(30)
     key = ApiKey.objects.create(user=user, name=name, prefix=prefix, secret_hash=hash_secret(secret),
                                 expires_at=expires_at, allowed_models=list(allowed_models))
+    caches["default"].delete(_unknown(prefix))  # a miss remembered before it existed must not hide it
     return key, f"{KEY_PREFIX}{prefix}.{secret}"
 
 
@@ -45,6 +47,11 @@ def split_key(raw: str) -> Optional[tuple[str, str]]:
 
 
 _keys: Dict[str, Tuple[float, ApiKey]] = {}
+
+
+def _unknown(prefix: str) -> str:
+    """The cache entry that remembers a prefix no key has (hashed: the prefix comes from the client)."""
+    return "gw:unknown-key:" + hashlib.sha256(prefix.encode(errors="replace")).hexdigest()[:32]
 
 
 @functools.cache
@@ -75,9 +82,14 @@ def _fetch(prefix: str) -> Optional[ApiKey]:
             key.revoked_at = timezone.now()
         key.user.is_active = bool(row[1])
         return key
+    # A prefix known to be unknown costs no query for GATEWAY_UNKNOWN_KEY_TTL seconds (key creation clears it).
+    unknown = _unknown(prefix)
+    if caches["default"].get(unknown):
+        return None
     try:
         key = ApiKey.objects.select_related("user").get(prefix=prefix)
     except ApiKey.DoesNotExist:
+        caches["default"].set(unknown, 1, settings.GATEWAY_UNKNOWN_KEY_TTL)
         return None
     if len(_keys) > 100_000:
         _keys.clear()

@@ -111,12 +111,11 @@ async def visible_models(caller: Caller) -> List[ModelEntry]:
 
 
 async def resolve(model: str, caller: Caller) -> ModelEntry:
+    """The model, if it exists and the caller may use it. A model the caller may not use answers
+    exactly like one that does not exist: its name is not confirmed to whoever asks."""
     entry = (await all_models()).get(model)
-    if entry is None:
+    if entry is None or not may_use(entry, caller):
         raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
-    if not may_use(entry, caller):
-        raise ApiError(403, f"You are not allowed to use the model `{model}`.", code="model_not_allowed",
-                       param="model")
     return entry
 
 

@@ -1,8 +1,11 @@
 """The OpenAI-compatible /v1 API. Thin async views: authenticate, validate, limit, forward, account.
 
 Streaming replies are server-sent events forwarded event by event as they arrive; a
-request held through a cold start gets SSE comment lines (``: queued in Slurm ...``),
-which OpenAI clients ignore. Request and response bodies live only in memory: they are
+request held through a cold start gets SSE comment lines (``: queued (12s)``), which OpenAI
+clients ignore; staff see the details (``: queued in Slurm (Priority) (12s)``, node names).
+Every stream asks upstream (platform or external provider) for usage; the client gets the
+usage chunk only if it asked. A stream that ends without one (the client left) is charged an
+estimate: see ``Accounting``. Request and response bodies live only in memory: they are
 never logged, cached or stored.
 """
 
@@ -11,10 +14,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Tuple
+from typing import Any, AsyncIterator, Dict, List
 
 from django.conf import settings
-from django.core.cache import caches
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -22,13 +24,13 @@ from django.views.decorators.csrf import csrf_exempt
 from gateway import external, metrics, registry
 from gateway.caller import Caller, caller_of
 from gateway.errors import ApiError
-from gateway.limits import Limiter, Limits
+from gateway.limits import Bucket, limiter
 from gateway.usage import writer
 from hpcbridge.client import BridgeError, Head, Progress
 from hpcbridge.registry import get_bridge
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
-limiter = Limiter(caches["default"])
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and BPE tokenizers
 
 
 def parse_body(request: HttpRequest, kind: str) -> Dict[str, Any]:
@@ -69,21 +71,71 @@ def bridge_error(exc: BridgeError) -> ApiError:
     return ApiError(exc.status, exc.message, code=exc.code, retry_after=exc.retry_after)
 
 
-class Accounting:
-    """What one request leaves behind: a usage row (no content) and its limiter slot released."""
+def _text_size(value: Any) -> int:
+    """Characters of prompt text in a message content, prompt or input (strings, parts, lists); a list
+    of token ids counts CHARS_PER_TOKEN characters per token."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int):
+        return CHARS_PER_TOKEN
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    if isinstance(value, dict):
+        return _text_size(value.get("text") or value.get("content") or "")
+    return 0
 
-    def __init__(self, caller: Caller, model: str, kind: str, stream: bool, slots: List[Tuple[str, Limits]]) -> None:
+
+def prompt_estimate(data: Dict[str, Any], kind: str) -> int:
+    """The prompt's tokens as estimated from its text, for a request that ends without usage."""
+    if kind == "chat":
+        size = sum(_text_size(m.get("content")) for m in data.get("messages") or [] if isinstance(m, dict))
+    else:
+        size = _text_size(data.get("prompt" if kind == "completions" else "input"))
+    return -(-size // CHARS_PER_TOKEN)
+
+
+class Accounting:
+    """What one request leaves behind: a usage row (no content), its tokens counted, its slots released.
+
+    Tokens come from the upstream's usage. A request the model accepted that ends without usage
+    (the client left mid-stream, or the provider sent none) is charged an estimate: the prompt's
+    characters / 4, plus for the completion the larger of the streamed chunks that carried text
+    and the streamed characters / 4. Only counts are kept, never the text.
+    """
+
+    def __init__(self, caller: Caller, model: str, kind: str, stream: bool, slots: List[Bucket], lease: str,
+                 prompt_estimate: int = 0) -> None:
         self.user, self.key, self.model, self.kind, self.stream = caller.user, caller.key, model, kind, stream
-        self.slots = slots  # (subject, limits) pairs this request holds
+        self.slots, self.lease = slots, lease  # the (subject, limits) this request counts in; its parallel slot
         self.started = time.monotonic()
         self.status = 0
         self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_estimate = prompt_estimate
+        self.accepted = False  # the model answered 200: it has work to charge
+        self.usage_seen = False
+        self.streamed_chunks = self.streamed_chars = 0
         self.done = False
 
     def take_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
+            self.usage_seen = True
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    def count_streamed(self, obj: Dict[str, Any]) -> None:
+        """Count a streamed event's text (chat delta content or reasoning, completion text); keep no text."""
+        for choice in obj.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            size = 0
+            for piece in (choice.get("text"), *((delta.get("content"), delta.get("reasoning_content"))
+                                                if isinstance(delta, dict) else ())):
+                if isinstance(piece, str):
+                    size += len(piece)
+            if size:
+                self.streamed_chunks += 1
+                self.streamed_chars += size
 
     def first_byte(self) -> None:
         metrics.TTFB.labels(self.kind, self.model).observe(time.monotonic() - self.started)
@@ -93,13 +145,15 @@ class Accounting:
             return
         self.done = True
         self.status = status
+        if self.accepted and not self.usage_seen:
+            self.prompt_tokens = self.prompt_estimate
+            self.completion_tokens = max(self.streamed_chunks, -(-self.streamed_chars // CHARS_PER_TOKEN))
         metrics.REQUESTS.labels(self.kind, self.model, str(status)).inc()
         if self.prompt_tokens:
             metrics.TOKENS.labels(self.model, "prompt").inc(self.prompt_tokens)
         if self.completion_tokens:
             metrics.TOKENS.labels(self.model, "completion").inc(self.completion_tokens)
-        for subject, limits in self.slots:
-            await limiter.release(subject, limits, self.prompt_tokens + self.completion_tokens)
+        await limiter.release_all(self.slots, self.prompt_tokens + self.completion_tokens, self.lease)
         writer.add({
             "user_id": self.user.pk, "api_key_id": self.key.pk if self.key is not None else None,
             "model": self.model, "endpoint": self.kind, "status": status, "prompt_tokens": self.prompt_tokens,
@@ -115,26 +169,23 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
         caller = await caller_of(request)
         data = parse_body(request, kind)
         entry = await registry.resolve(data["model"], caller)
-        limits, subject = caller.limits, caller.subject
-        decision = await limiter.acquire(subject, limits)
+        # The user's limits (all their keys and the chat page together), the key's own on top,
+        # and the model's own, usually stricter, limits per user (an external provider's quota, say).
+        buckets = caller.buckets()
+        if entry.limits is not None:
+            buckets.append((f"{caller.subject}:{entry.limits_id}", entry.limits))
+        lease = uuid.uuid4().hex
+        decision, slots = await limiter.acquire_all(buckets, lease)
         rate_headers = decision.headers
-        slots = [(subject, limits)]
-        if decision.allowed and entry.limits is not None:
-            # The model's own, usually stricter, limits (an external provider's quota, say).
-            model_subject = f"{subject}:{entry.limits_id}"
-            model_decision = await limiter.acquire(model_subject, entry.limits)
-            if model_decision.allowed:
-                slots.append((model_subject, entry.limits))
-            else:
-                await limiter.refund(subject, limits)
-                decision = model_decision
-                decision.reason += f" for {entry.id}"
-                rate_headers = model_decision.headers
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(kind).inc()
-            raise ApiError(429, f"Rate limit reached: {decision.reason}. Retry after {decision.retry_after:.0f}s.",
+            where = (f" for {entry.id}" if entry.limits_id and decision.subject.endswith(f":{entry.limits_id}")
+                     else " for this key" if decision.subject.startswith("k") else "")
+            raise ApiError(429, f"Rate limit reached: {decision.reason}{where}. "
+                                f"Retry after {decision.retry_after:.0f}s.",
                            code="rate_limit_exceeded", retry_after=decision.retry_after)
-        acct = Accounting(caller, entry.id, kind, bool(data.get("stream")), slots)
+        acct = Accounting(caller, entry.id, kind, bool(data.get("stream")), slots, lease,
+                          prompt_estimate(data, kind))
         response = await forward(entry, kind, data, request.body, acct)
     except ApiError as exc:
         if exc.status in (400, 401, 403, 404, 405, 413):
@@ -148,24 +199,25 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
 def open_events(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw: bytes,
                 request_id: str) -> AsyncIterator[Any]:
     """The upstream's events (Head, Progress, bytes): an HPC platform, or an external provider."""
-    if entry.provider is not None:
-        if entry.provider.model != data["model"]:
-            raw = json.dumps({**data, "model": entry.provider.model}).encode()
-        return external.stream(entry.provider, ENDPOINTS[kind], raw, request_id)
     if data.get("stream") and kind != "embeddings":
         # Ask upstream for usage to count tokens; the client gets it only if it asked.
         data = {**data, "stream_options": {**(data.get("stream_options") or {}), "include_usage": True}}
-        raw = json.dumps(data).encode()
+        raw = b""
+    if entry.provider is not None:
+        if entry.provider.model != data["model"]:
+            data, raw = {**data, "model": entry.provider.model}, b""
+        return external.stream(entry.provider, ENDPOINTS[kind], raw or json.dumps(data).encode(), request_id)
     headers = {"content-type": "application/json", "x-request-id": request_id}
-    return get_bridge().get(entry.platform).stream("POST", ENDPOINTS[kind], entry.id, headers, raw)
+    return get_bridge().get(entry.platform).stream("POST", ENDPOINTS[kind], entry.id, headers,
+                                                   raw or json.dumps(data).encode())
 
 
 async def forward(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw: bytes,
                   acct: Accounting) -> HttpResponse:
     platform_name = entry.platform
     stream = bool(data.get("stream"))
-    # An external provider's stream is passed on whole; ours drops the usage chunk we asked for.
-    wants_usage = bool((data.get("stream_options") or {}).get("include_usage")) or entry.provider is not None
+    # The usage chunk we asked for goes to the client only if it asked too.
+    wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
     request_id = uuid.uuid4().hex
     events = open_events(entry, kind, data, raw, request_id)
     try:
@@ -176,6 +228,7 @@ async def forward(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], r
         while isinstance(first, Progress) and not stream:
             first = await events.__anext__()  # a plain request simply waits through a cold start
         if isinstance(first, Head) and first.status == 200:
+            acct.accepted = True
             registry.note_ready(platform_name, acct.model)
         if isinstance(first, Head) and (first.status != 200 or not stream):
             body = b"".join([chunk async for chunk in events if isinstance(chunk, bytes)])
@@ -218,7 +271,7 @@ async def sse(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_us
         event: Any = first
         while True:
             if isinstance(event, Progress):
-                yield f": {event.message or event.stage} ({event.elapsed:.0f}s)\n\n".encode()
+                yield progress_comment(event, acct.user)
             elif isinstance(event, Head) and event.status != 200:
                 status = event.status
                 body = b"".join([c async for c in events if isinstance(c, bytes)])
@@ -229,21 +282,24 @@ async def sse(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_us
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
                 return
             elif isinstance(event, Head):
+                acct.accepted = True
                 registry.note_ready(platform_name, acct.model)
             elif isinstance(event, bytes):
                 pending += event
                 out = []
                 while b"\n\n" in pending:
                     block, pending = pending.split(b"\n\n", 1)
-                    if b'"usage"' in block and block.startswith(b"data: {"):
+                    if block.startswith(b"data: {"):
                         try:
                             obj = json.loads(block[6:])
                         except ValueError:
                             obj = {}
-                        if obj.get("usage"):
-                            acct.take_usage(obj["usage"])
-                            if not obj.get("choices") and not wants_usage:
-                                continue
+                        if isinstance(obj, dict):
+                            acct.count_streamed(obj)
+                            if obj.get("usage"):
+                                acct.take_usage(obj["usage"])
+                                if not obj.get("choices") and not wants_usage:
+                                    continue
                     out.append(block + b"\n\n")
                 if out:
                     yield b"".join(out)
@@ -262,6 +318,13 @@ async def sse(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_us
     finally:
         await events.aclose()  # type: ignore[attr-defined]  # cancels upstream if unfinished
         await acct.finish(status)
+
+
+def progress_comment(event: Progress, user: Any) -> bytes:
+    """A cold start's progress as an SSE comment. The message names nodes and Slurm's reasons: staff
+    see it; everybody else sees the stage word only (queued, starting, ...)."""
+    text = (event.message or event.stage) if user.is_staff else (event.stage or "waiting")
+    return f": {' '.join(text.split())} ({event.elapsed:.0f}s)\n\n".encode()
 
 
 @csrf_exempt

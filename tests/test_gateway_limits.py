@@ -9,7 +9,7 @@ import pytest
 from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.redis import RedisCache
 
-from gateway.limits import Limiter, Limits
+from gateway.limits import LEASE, RENEW_EVERY, Limiter, Limits
 
 pytestmark = pytest.mark.parametrize("backend", ["local", "redis"])
 
@@ -68,12 +68,71 @@ def test_parallel_streams_are_released(backend: str) -> None:
     limits = Limits(parallel_streams=1)
 
     async def go() -> None:
-        assert (await limiter.acquire("u", limits)).allowed
-        assert not (await limiter.acquire("u", limits)).allowed
-        await limiter.release("u", limits, 0)
-        assert (await limiter.acquire("u", limits)).allowed
+        assert (await limiter.acquire("u", limits, "s1")).allowed
+        assert not (await limiter.acquire("u", limits, "s2")).allowed
+        await limiter.release("u", limits, 0, "s1")
+        assert (await limiter.acquire("u", limits, "s3")).allowed
 
     asyncio.run(go())
+
+
+def test_a_running_stream_keeps_its_slot_for_hours(backend: str) -> None:
+    limiter, clock = fresh(backend)
+    limits = Limits(parallel_streams=1)
+
+    async def go() -> None:
+        assert (await limiter.acquire("u", limits, "long")).allowed
+        for _ in range(int(3 * 3600 / RENEW_EVERY)):  # three hours of a running stream, renewed as it runs
+            clock.now += RENEW_EVERY
+            limiter.renew_sync()
+        assert not (await limiter.acquire("u", limits, "other")).allowed
+        await limiter.release("u", limits, 0, "long")
+        assert (await limiter.acquire("u", limits, "other")).allowed
+
+    asyncio.run(go())
+
+
+def test_a_stream_nobody_renews_frees_its_slot_after_its_lease(backend: str) -> None:
+    # Its worker died: nothing releases or renews it.
+    limiter, clock = fresh(backend)
+    limits = Limits(parallel_streams=1)
+
+    async def go() -> None:
+        assert (await limiter.acquire("u", limits, "orphan")).allowed
+        limiter.held.clear()  # the worker that held it is gone
+        clock.now += LEASE - 1
+        limiter.renew_sync()
+        assert not (await limiter.acquire("u", limits, "next")).allowed
+        clock.now += 2
+        assert (await limiter.acquire("u", limits, "next")).allowed
+
+    asyncio.run(go())
+
+
+def test_late_or_repeated_releases_never_free_another_streams_slot(backend: str) -> None:
+    limiter, clock = fresh(backend)
+    limits = Limits(parallel_streams=1)
+
+    async def go() -> None:
+        assert (await limiter.acquire("u", limits, "a")).allowed
+        await limiter.release("u", limits, 0, "a")
+        await limiter.release("u", limits, 0, "a")  # released twice: the count must not go below zero
+        assert (await limiter.acquire("u", limits, "b")).allowed
+        assert not (await limiter.acquire("u", limits, "c")).allowed
+        await limiter.release("u", limits, 0, "a")  # a late release of a finished stream
+        assert not (await limiter.acquire("u", limits, "c")).allowed  # b still holds the one slot
+
+    asyncio.run(go())
+
+
+def test_failed_authentications_block_an_address_for_the_rest_of_the_minute(backend: str) -> None:
+    limiter, clock = fresh(backend)
+    clock.now += 20
+    assert [limiter.auth_failed_sync("10.0.0.1", 3) for _ in range(4)] == [0, 0, 0, 40]
+    assert limiter.auth_blocked_sync("10.0.0.1", 3) == 40
+    assert limiter.auth_blocked_sync("10.0.0.2", 3) == 0  # another address is not affected
+    clock.now += 40
+    assert limiter.auth_blocked_sync("10.0.0.1", 3) == 0
 
 
 def test_tokens_per_minute_refuse_once_spent(backend: str) -> None:

@@ -123,11 +123,12 @@ def test_an_unknown_model_gets_404_and_the_client_raises(client: openai.OpenAI) 
     assert err.value.status_code == 404 and err.value.code == "model_not_found"
 
 
-def test_a_model_outside_the_keys_allow_list_gets_403(app: LiveApp) -> None:
+def test_a_model_outside_the_keys_allow_list_is_not_found(app: LiveApp) -> None:
     limited = app.create_key("alice", "--model", "stub-model")
     client = openai.OpenAI(base_url=f"{app.url}/v1", api_key=limited, max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError) as err:  # like an unknown model: its name is not confirmed
         client.chat.completions.create(model="other-model", messages=ASK)
+    assert err.value.code == "model_not_found"
     assert [m.id for m in client.models.list()] == ["stub-model"]  # not listed either
 
 

@@ -39,7 +39,8 @@ class ApiKey(models.Model):
 
 
 class RateLimitPolicy(models.Model):
-    """Limits for a group (default), a user or a key (overrides). Empty fields: no limit of that kind."""
+    """Limits for a group or a user (counted per user across all their keys), or a key (an extra limit
+    on top, counted per key). Empty fields: no limit of that kind."""
 
     name = models.CharField(max_length=100)
     group = models.ForeignKey(Group, null=True, blank=True, on_delete=models.CASCADE)

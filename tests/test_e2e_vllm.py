@@ -60,6 +60,9 @@ def stack(slurm1: SlurmCluster, hpcside_on: Callable[[Optional[SlurmCluster]], H
             "key_file": str(sshd.client_key), "known_hosts": str(sshd.known_hosts)}])})
         app.start()
         app.create_user("alice")
+        # Staff see the cold start's details (node names, Slurm's reasons); others only the stage.
+        app.shell("from django.contrib.auth.models import User\n"
+                  "User.objects.filter(username='alice').update(is_staff=True)")
         try:
             yield h, app, sshd
         finally:

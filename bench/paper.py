@@ -237,7 +237,9 @@ async def table1(stack: Stack, samples: int) -> Dict[str, Dict[str, float]]:
     step("Table 1: probe the instance (vLLM /health), through the pipe and directly")
     async with aiohttp.ClientSession() as session:
         async def direct_health() -> None:
-            async with session.get(f"{stack.direct('real')}/health") as resp:
+            # Every path of an instance needs its token (hpcside's guard inside vLLM).
+            async with session.get(f"{stack.direct('real')}/health",
+                                   headers={"Authorization": f"Bearer {stack.tokens['real']}"}) as resp:
                 await resp.read()
 
         out["instance_probe_direct"] = await timed(direct_health, samples)

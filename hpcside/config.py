@@ -345,6 +345,8 @@ def _vllm_args(text: str) -> Tuple[str, ...]:
             raise ValueError("arguments may not contain newlines")
         if arg.split("=", 1)[0] in ("--api-key", "--host", "--port"):
             raise ValueError(f"{arg!r} is set by hpcside (the token never goes on a command line)")
+        if arg.split("=", 1)[0] in ("--enable-log-requests", "--enable-log-outputs"):
+            raise ValueError(f"{arg!r}: jobs never log request or response content")
     return args
 
 

@@ -34,7 +34,7 @@ from .state import (
     write_atomic,
     write_json,
 )
-from .templates import JobFiles, TemplateError, render
+from .templates import JobFiles, TemplateError, install_guard, render
 
 log = logging.getLogger("hpcside.scheduler")
 
@@ -50,10 +50,11 @@ class Outcome:
     seconds: float = 0.0
 
 
-def probe_health(host: str, port: int, timeout: float) -> Probe:
+def probe_health(host: str, port: int, timeout: float, token: str = "") -> Probe:
+    """``GET /health`` with the instance's token (its guard answers 401 to anything without it)."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("GET", "/health")
+        conn.request("GET", "/health", headers={"Authorization": f"Bearer {token}"} if token else {})
         status = conn.getresponse().status
         return Probe(ok=status == 200, detail=str(status))
     except ConnectionRefusedError:
@@ -146,8 +147,15 @@ class Scheduler:
             return {}
         timeout = self.settings.probe_timeout
         with ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
-            futures = {iid: pool.submit(probe_health, t["host"], t["port"], timeout) for iid, t in targets.items()}
+            futures = {iid: pool.submit(probe_health, t["host"], t["port"], timeout, self.token(iid))
+                       for iid, t in targets.items()}
             return {iid: f.result() for iid, f in futures.items()}
+
+    def token(self, iid: str) -> str:
+        try:
+            return JobFiles(self.dir, iid).token.read_text().strip()
+        except OSError:
+            return ""
 
     def act(self, plan: Plan, now: float) -> Outcome:
         outcome = Outcome(ran=True, events=list(plan.events))
@@ -185,6 +193,7 @@ class Scheduler:
     def submit_one(self, service: str, iid: str) -> str:
         svc = self.config.services[service]
         files = JobFiles(self.dir, iid)
+        install_guard(self.dir)
         write_atomic(files.token, secrets.token_urlsafe(32) + "\n")
         write_atomic(files.script, render(svc, self.settings, files), mode=0o700)
         return self.launcher.submit(files.script, job_name(self.settings.job_prefix, iid), files.output, svc.walltime)

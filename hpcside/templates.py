@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Dict, List
 
 from .config import ServiceConfig, Settings, slurm_time
+from .state import write_atomic
 
 JOBS_DIR = Path(__file__).resolve().parent / "jobs"
+GUARD_SOURCE = Path(__file__).resolve().parent / "vllm_guard.py"
+GUARD_DIR = "pylib"  # in the state directory: only the guard, as hpcside_vllm_guard.py
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
@@ -45,6 +48,10 @@ class JobFiles:
     @property
     def output(self) -> Path:
         return self.state_dir / "logs" / f"{self.iid}.out"
+
+    @property
+    def guard_dir(self) -> Path:
+        return self.state_dir / GUARD_DIR
 
 
 def template_text(name: str) -> str:
@@ -85,6 +92,23 @@ def fill(text: str, values: Dict[str, str]) -> str:
     return _PLACEHOLDER.sub(replace, text)
 
 
+def install_guard(state_dir: Path) -> Path:
+    """Copy the token guard where jobs import it from (``pylib/hpcside_vllm_guard.py``), if changed.
+
+    Its own directory on the job's PYTHONPATH: the hpcside package's parent (often the account's
+    home) could hold anything that would shadow vLLM's imports."""
+    target = state_dir / GUARD_DIR / "hpcside_vllm_guard.py"
+    source = GUARD_SOURCE.read_text(encoding="utf-8")
+    try:
+        if target.read_text(encoding="utf-8") == source:
+            return target
+    except OSError:
+        pass
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    write_atomic(target, source)
+    return target
+
+
 def render(svc: ServiceConfig, settings: Settings, files: JobFiles) -> str:
     q = shlex.quote
     exports: List[str] = [f"export {key}={q(value)}" for key, value in svc.env]
@@ -103,6 +127,7 @@ def render(svc: ServiceConfig, settings: Settings, files: JobFiles) -> str:
         "endpoint_host": q(settings.endpoint_host),
         "token_file": q(str(files.token)),
         "endpoint_file": q(str(files.endpoint)),
+        "guard_dir": q(str(files.guard_dir)),
         "env_exports": "\n".join(exports) if exports else "# (no extra environment)",
         "sbatch_header": sbatch_header(svc, settings),
     }

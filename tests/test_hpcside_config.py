@@ -93,6 +93,8 @@ def test_an_unreadable_file_says_so(tmp_path: Path) -> None:
 def test_the_token_and_port_cannot_be_set_in_vllm_args(tmp_path: Path) -> None:
     found = problems(write(tmp_path, GOOD + "vllm_args = --api-key=secret\n"))
     assert any("vllm_args" in p and "never goes on a command line" in p for p in found)
+    found = problems(write(tmp_path, GOOD + "vllm_args = --max-num-seqs=8 --enable-log-requests\n"))
+    assert any("vllm_args" in p and "never log request" in p for p in found)
     found = problems(write(tmp_path, GOOD + "env = VLLM_API_KEY=x\n"))
     assert any("[service:small] env:" in p for p in found)
 

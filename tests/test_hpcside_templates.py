@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hpcside.config import load
-from hpcside.templates import JobFiles, TemplateError, fill, render
+from hpcside.templates import JobFiles, TemplateError, fill, install_guard, render
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CONFIG = """
@@ -99,6 +99,7 @@ vllm_args = '; touch {marker}' "$(touch {marker})"
     for sub in ("secrets", "endpoints"):
         (tmp_path / "state" / sub).mkdir(parents=True, exist_ok=True)
     files.token.write_text("tok\n")
+    install_guard(tmp_path / "state")  # as the scheduler does before it submits
     script = render(config.services["x"], config.settings, files)
     # vllm = echo: the "server" prints its argv, which must hold the values literally.
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, timeout=30)
@@ -106,6 +107,25 @@ vllm_args = '; touch {marker}' "$(touch {marker})"
     assert not marker.exists()
     assert f"$(touch {marker})`touch {marker}`;touch {marker}" in proc.stdout
     assert (tmp_path / "state" / "endpoints" / "a1b2c3d4e5f6.json").exists()
+    # The token guard and request logging explicitly off (no vLLM beside this python: today's flag).
+    assert "--middleware hpcside_vllm_guard.TokenGuard --no-enable-log-requests" in proc.stdout
+
+
+def test_request_logging_is_turned_off_with_the_flag_the_installed_vllm_knows(tmp_path: Path) -> None:
+    from hpcside.vllm_guard import request_log_flag
+
+    def vllm_with(source: str) -> Path:
+        pkg = tmp_path / f"v{len(list(tmp_path.iterdir()))}" / "vllm"
+        (pkg / "engine").mkdir(parents=True)
+        (pkg / "engine" / "arg_utils.py").write_text(source)
+        return pkg
+
+    old = vllm_with('parser.add_argument("--disable-log-requests", action="store_true")\n')
+    both = vllm_with('"--enable-log-requests", ... "--disable-log-requests", deprecated=True\n')
+    new = vllm_with('parser.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction)\n')
+    assert request_log_flag(old) == "--disable-log-requests"
+    assert request_log_flag(both) == request_log_flag(new) == "--no-enable-log-requests"
+    assert request_log_flag(tmp_path / "nowhere") == "--no-enable-log-requests"  # unknown: never silent
 
 
 def test_an_unknown_placeholder_is_an_error() -> None:

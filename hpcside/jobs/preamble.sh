@@ -6,6 +6,12 @@ umask 077
 VLLM_API_KEY="$(cat {{ token_file }})"
 export VLLM_API_KEY
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# No request or response content in the job output, whatever the environment above says.
+export VLLM_DEBUG_LOG_API_SERVER_RESPONSE=false
+# The token guard (vLLM --middleware): the only module in this directory, so nothing is shadowed.
+export PYTHONPATH={{ guard_dir }}${PYTHONPATH:+:$PYTHONPATH}
+# Request logging off explicitly, with the flag this vLLM knows (renamed in vLLM 0.10).
+REQUEST_LOG_FLAG="$({{ python }} -m hpcside_vllm_guard request-log-flag)"
 # A random free port on this node, picked when the job starts.
 PORT="$({{ python }} -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
 HOST={{ endpoint_host }}

@@ -11,4 +11,5 @@ exec {{ python }} -m vllm.entrypoints.openai.api_server \
   --served-model-name {{ model }} \
   --max-model-len {{ max_model_len }} \
   --enforce-eager --distributed-executor-backend uni \
+  --middleware hpcside_vllm_guard.TokenGuard "$REQUEST_LOG_FLAG" \
   --disable-uvicorn-access-log {{ vllm_args }}

@@ -7,4 +7,5 @@ exec {{ vllm }} serve {{ model_path }} \
   --served-model-name {{ model }} \
   --tensor-parallel-size {{ tensor_parallel_size }} \
   --max-model-len {{ max_model_len }} \
+  --middleware hpcside_vllm_guard.TokenGuard "$REQUEST_LOG_FLAG" \
   --disable-uvicorn-access-log {{ vllm_args }}

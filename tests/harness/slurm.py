@@ -246,6 +246,11 @@ class SlurmCluster:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
+    def restart_controller(self) -> None:
+        """slurmctld back after an outage, recovering its saved state (jobs keep running)."""
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._wait(lambda: self._ctl_ping(), "slurmctld", 30)
+
     # -- stop --------------------------------------------------------------------
 
     def stop(self) -> None:

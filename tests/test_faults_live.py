@@ -1,0 +1,167 @@
+"""Faults under load on the real stack: no request lost.
+
+Real parts: a 3-node Slurm, sshd with the ForceCommand key, hpcside (session server, router,
+scheduler), the gateway on daphne with PostgreSQL and Redis, and the official openai async client
+with many concurrent streams. The instances are the streaming stand-in (tests/support/stub_vllm.py)
+run as Slurm jobs, emitting tokens at a steady pace and continuing a partial reply as greedy
+decoding does. Each test asserts what a user would notice: every stream's text whole and once,
+no error for a request that starts after the fault, nothing hung.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, List, Optional, Tuple
+
+import pytest
+
+from tests.conftest import Hpcside
+from tests.harness.accounts import Account
+from tests.harness.slurm import SlurmCluster
+from tests.harness.sshd import SSHServer
+from tests.live import LiveApp
+
+pytestmark = pytest.mark.slurm
+
+SENTENCE = "The capital of France is Paris."
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+REPEAT = 8  # 56 tokens at 20 per second: a stream lasts about 3 s
+DELAY = 0.05
+
+
+class Stack:
+    def __init__(self, cluster: SlurmCluster, h: Hpcside, sshd: SSHServer, app: LiveApp, key: str) -> None:
+        self.cluster, self.h, self.sshd, self.app, self.key = cluster, h, sshd, app, key
+
+    def ready(self) -> List[dict]:
+        return [i for i in self.h.ready() if i["job_id"]]
+
+    def wait_ready(self, count: int, timeout: float = 90) -> List[dict]:
+        return self.h.until(lambda: len(self.ready()) >= count and self.ready(), timeout=timeout,
+                            what=f"{count} ready instances")
+
+    def client(self) -> Any:
+        import openai
+
+        return openai.AsyncOpenAI(base_url=f"{self.app.url}/v1", api_key=self.key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stack(account: Account, deployment: Path) -> Iterator[Stack]:
+    with SlurmCluster(["n1", "n2", "n3"], account) as cluster:
+        h = Hpcside(deployment, account, cluster)
+        h.write_config(h.stub_service(min_instances=2, max_instances=3, scale_up_inflight=64,
+                                      scale_down_delay="1h", readiness_timeout="60s"),
+                       hold_timeout="90s", min_interval="1s")
+        try:
+            with SSHServer(h.account, h.deployment, h.config, slurm_env=f"SLURM_CONF={cluster.conf}") as sshd:
+                app = LiveApp(db="postgresql", redis_url="redis://127.0.0.1:6379/5", extra_env={
+                    "LIMIT_PARALLEL_STREAMS": "200", "LIMIT_REQUESTS_PER_MINUTE": "100000",
+                    "HPC_PLATFORMS": json.dumps([{
+                        "name": "hpc", "transport": "ssh", "host": "127.0.0.1", "port": sshd.port,
+                        "user": h.account.name, "key_file": str(sshd.client_key),
+                        "known_hosts": str(sshd.known_hosts)}])})
+                app.start()
+                try:
+                    app.create_user("alice")
+                    stack = Stack(cluster, h, sshd, app, app.create_key("alice"))
+                    stack.wait_ready(2)
+                    yield stack
+                finally:
+                    app.stop()
+        finally:
+            h.cleanup()
+
+
+async def one_stream(client: Any, repeat: int = REPEAT) -> Tuple[str, Optional[str]]:
+    text = ""
+    try:
+        stream = await client.chat.completions.create(
+            model="stub-model", messages=ASK, stream=True, extra_body={"stub_delay": DELAY, "stub_repeat": repeat})
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        return text, None
+    except Exception as exc:  # noqa: BLE001 - what the client sees is the result
+        return text, f"{type(exc).__name__}: {exc}"
+
+
+async def one_request(client: Any) -> Optional[str]:
+    try:
+        reply = await client.chat.completions.create(model="stub-model", messages=ASK)
+        return None if SENTENCE in (reply.choices[0].message.content or "") else "wrong answer"
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def under_load(stack: Stack, fault: Callable[[], Awaitable[None]], streams: int = 16,
+                     after: int = 16) -> Tuple[List[Tuple[str, Optional[str]]], List[Optional[str]]]:
+    """``streams`` streams; the fault one second in; then ``after`` new requests. Nothing may hang."""
+    client = stack.client()
+    running = [asyncio.ensure_future(one_stream(client)) for _ in range(streams)]
+    await asyncio.sleep(1.0)
+    await fault()
+    later = await asyncio.wait_for(asyncio.gather(*[one_request(client) for _ in range(after)]), 150)
+    done = await asyncio.wait_for(asyncio.gather(*running), 150)
+    await client.close()
+    return done, later
+
+
+def assert_nothing_lost(done: List[Tuple[str, Optional[str]]], later: List[Optional[str]]) -> None:
+    errors = [e for _, e in done if e]
+    assert not errors, f"{len(errors)} of {len(done)} streams failed: {errors[:3]}"
+    broken = [t for t, _ in done if t != SENTENCE * REPEAT]
+    assert not broken, f"{len(broken)} streams lost or repeated text at the splice: {broken[0]!r}"
+    failed = [e for e in later if e]
+    assert not failed, f"{len(failed)} of {len(later)} requests after the fault failed: {failed[:3]}"
+
+
+def test_a_killed_instance_of_two_loses_no_stream_and_refuses_no_request(stack: Stack) -> None:
+    victim = stack.wait_ready(2)[0]
+
+    async def kill() -> None:
+        assert stack.cluster.kill_job_processes(victim["job_id"]) >= 1
+
+    done, later = asyncio.run(under_load(stack, kill))
+    assert_nothing_lost(done, later)
+    stack.wait_ready(2)  # replaced
+
+
+def test_when_every_instance_dies_streams_go_on_once_the_replacements_are_ready(stack: Stack) -> None:
+    victims = stack.wait_ready(2)
+
+    async def kill_all() -> None:
+        for victim in victims:
+            stack.cluster.kill_job_processes(victim["job_id"])
+
+    done, later = asyncio.run(under_load(stack, kill_all, streams=8, after=8))
+    assert_nothing_lost(done, later)
+    assert not {v["id"] for v in victims} & {i["id"] for i in stack.wait_ready(2)}
+
+
+def test_with_slurmctld_down_the_ready_instances_go_on_serving(stack: Stack) -> None:
+    stack.wait_ready(2)
+
+    async def outage() -> None:
+        stack.cluster.stop_controller()
+
+    try:
+        done, later = asyncio.run(under_load(stack, outage))
+        assert_nothing_lost(done, later)
+    finally:
+        stack.cluster.restart_controller()
+    stack.wait_ready(2)
+
+
+def test_a_lost_node_loses_no_stream(stack: Stack) -> None:
+    victim = stack.wait_ready(2)[0]
+
+    async def node_dies() -> None:
+        stack.cluster.kill_node(victim["node"])
+
+    done, later = asyncio.run(under_load(stack, node_dies))
+    assert_nothing_lost(done, later)
+    stack.h.until(lambda: len(stack.ready()) >= 2 and all(i["node"] != victim["node"] for i in stack.ready()),
+                  timeout=120, what="two ready instances on live nodes")

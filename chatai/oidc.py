@@ -1,21 +1,32 @@
 """Single sign-on with the institution's OpenID Connect provider (mozilla-django-oidc).
 
-A user is identified by one stable claim (``OIDC_USERNAME_CLAIM``: ``email`` or ``sub``),
-never by a claim the user can change at will. Groups come from ``OIDC_GROUPS_CLAIM`` at every
-login and replace the user's groups (they decide which models the user may use), through
-``OIDC_GROUPS_MAP`` (claim value -> Django group name) or, without a map, by name, limited to
-values starting with ``OIDC_GROUPS_PREFIX`` when it is set. Logging out also ends the session
-at the provider (its ``end_session_endpoint``) when ``OIDC_OP_LOGOUT_ENDPOINT`` is set.
+A user is identified by the provider's ``sub`` claim (``OIDC_USERNAME_CLAIM``), which the user
+cannot change. ``email`` may be chosen instead, and is then accepted only with
+``email_verified`` true. Either way only accounts made by single sign-on (no usable password)
+are matched: a local account of the same name (an operator's) is never taken over.
+Groups come from ``OIDC_GROUPS_CLAIM`` at every login and replace the user's groups (they decide
+which models the user may use), through ``OIDC_GROUPS_MAP`` (claim value -> Django group name)
+or, without a map, by name, limited to values starting with ``OIDC_GROUPS_PREFIX`` when it is
+set. An absent claim means no groups (fail closed) unless ``OIDC_KEEP_GROUPS_WITHOUT_CLAIM``.
+A user disabled in the admin loses every session at its next request (``get_user``), pages and
+/v1 alike; a session also ends when the provider's does: ``SessionRefresh`` asks the provider
+again (silently) every ``OIDC_RENEW_ID_TOKEN_EXPIRY_SECONDS``, and /v1 refuses a session whose
+check is overdue (``session_is_current``). Logging out also ends the session at the provider
+(its ``end_session_endpoint``) when ``OIDC_OP_LOGOUT_ENDPOINT`` is set.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List
+import time
+from typing import Any, Dict, List, Mapping, Optional
 from urllib.parse import urlencode
 
 from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY
+from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.models import Group
+from django.core.exceptions import SuspiciousOperation
 from django.db import transaction
 from django.http import HttpRequest
 from mozilla_django_oidc.auth import OIDCAuthenticationBackend
@@ -43,24 +54,42 @@ def claim_groups(claims: Dict[str, Any]) -> List[str]:
     return names
 
 
+def email_verified(claims: Mapping[str, Any]) -> bool:
+    value = claims.get("email_verified")
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
 class Backend(OIDCAuthenticationBackend):  # type: ignore[misc]
     def username_of(self, claims: Dict[str, Any]) -> str:
         value = claims.get(settings.OIDC_USERNAME_CLAIM)
         return value.strip() if isinstance(value, str) else ""
 
     def verify_claims(self, claims: Dict[str, Any]) -> bool:
-        ok = bool(self.username_of(claims)) and len(self.username_of(claims)) <= 150
-        if not ok:
-            log.warning("OIDC login refused: the claim %r is missing or too long", settings.OIDC_USERNAME_CLAIM)
-        return ok
+        name = settings.OIDC_USERNAME_CLAIM
+        if not self.username_of(claims) or len(self.username_of(claims)) > 150:
+            log.warning("OIDC login refused: the claim %r is missing or too long", name)
+            return False
+        if name == "email" and not email_verified(claims):
+            log.warning("OIDC login refused: users are identified by email, and this one is not verified")
+            return False
+        return True
 
     def filter_users_by_claims(self, claims: Dict[str, Any]) -> Any:
-        return self.UserModel.objects.filter(username=self.username_of(claims))
+        # Only accounts single sign-on made (no usable password): never a local account of that name.
+        users = self.UserModel.objects.filter(username=self.username_of(claims))
+        return [user for user in users if not user.has_usable_password()]
+
+    def get_user(self, user_id: Any) -> Optional[Any]:
+        """The session's user, or None (signed out) once disabled in the admin."""
+        user = super().get_user(user_id)
+        return user if user is not None and user.is_active else None
 
     def describe_user_by_claims(self, claims: Dict[str, Any]) -> str:
         return f"{settings.OIDC_USERNAME_CLAIM} {self.username_of(claims)}"
 
     def create_user(self, claims: Dict[str, Any]) -> Any:
+        if self.UserModel.objects.filter(username=self.username_of(claims)).exists():
+            raise SuspiciousOperation("a local account has this name")  # the login fails; nothing is taken over
         user = self.UserModel.objects.create_user(self.username_of(claims), email=claims.get("email") or "")
         return self.update_user(user, claims)
 
@@ -70,9 +99,25 @@ class Backend(OIDCAuthenticationBackend):  # type: ignore[misc]
             user.first_name = (claims.get("given_name") or user.first_name)[:150]
             user.last_name = (claims.get("family_name") or user.last_name)[:150]
             user.save(update_fields=["email", "first_name", "last_name"])
-            if settings.OIDC_GROUPS_CLAIM in claims:
+            if settings.OIDC_GROUPS_CLAIM in claims or not settings.OIDC_KEEP_GROUPS_WITHOUT_CLAIM:
                 user.groups.set([Group.objects.get_or_create(name=name)[0] for name in claim_groups(claims)])
         return user
+
+
+class LocalAdminBackend(ModelBackend):
+    """Password login beside single sign-on, for staff accounts only (OIDC_PASSWORD_LOGIN)."""
+
+    def user_can_authenticate(self, user: Any) -> bool:
+        return bool(super().user_can_authenticate(user) and user.is_staff)
+
+
+def session_is_current(session: Mapping[str, Any]) -> bool:
+    """False for a single sign-on session whose check with the provider is overdue: the chat's
+    /v1 requests never pass SessionRefresh, so they refuse it until a page load renews it."""
+    backend = session.get(BACKEND_SESSION_KEY, "")
+    if not settings.OIDC_ENABLED or backend != "chatai.oidc.Backend":
+        return True
+    return float(session.get("oidc_id_token_expiration", 0)) > time.time()
 
 
 def provider_logout_url(request: HttpRequest) -> str:

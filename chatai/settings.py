@@ -124,9 +124,17 @@ LOGOUT_REDIRECT_URL = "/"
 # Single sign-on with the institution's OpenID Connect provider (mozilla-django-oidc), on when
 # OIDC_RP_CLIENT_ID is set; otherwise local Django accounts with the standard login page.
 OIDC_ENABLED = bool(env("OIDC_RP_CLIENT_ID"))
+OIDC_PASSWORD_LOGIN = True  # local accounts log in with a password (below: off with OIDC unless kept)
 if OIDC_ENABLED:
     INSTALLED_APPS.append("mozilla_django_oidc")
-    AUTHENTICATION_BACKENDS = ["chatai.oidc.Backend", "django.contrib.auth.backends.ModelBackend"]
+    # Password login is off (no local password works) unless kept for staff accounts.
+    OIDC_PASSWORD_LOGIN = envbool("OIDC_PASSWORD_LOGIN", False)
+    AUTHENTICATION_BACKENDS = ["chatai.oidc.Backend"]
+    if OIDC_PASSWORD_LOGIN:
+        AUTHENTICATION_BACKENDS.append("chatai.oidc.LocalAdminBackend")
+    # The provider's session lifetime applies: pages ask it again (silently) when the check is due.
+    MIDDLEWARE.insert(MIDDLEWARE.index("django.contrib.auth.middleware.AuthenticationMiddleware") + 1,
+                      "mozilla_django_oidc.middleware.SessionRefresh")
     OIDC_RP_CLIENT_ID = env("OIDC_RP_CLIENT_ID")
     OIDC_RP_CLIENT_SECRET = env("OIDC_RP_CLIENT_SECRET")
     OIDC_RP_SIGN_ALGO = env("OIDC_RP_SIGN_ALGO", "RS256")
@@ -139,13 +147,16 @@ if OIDC_ENABLED:
     OIDC_OP_LOGOUT_URL_METHOD = "chatai.oidc.provider_logout_url"
     OIDC_USE_PKCE = envbool("OIDC_USE_PKCE", True)
     OIDC_STORE_ID_TOKEN = True  # the id_token_hint for the provider's logout
-    OIDC_USERNAME_CLAIM = env("OIDC_USERNAME_CLAIM", "email")  # a stable claim: email or sub
+    OIDC_USERNAME_CLAIM = env("OIDC_USERNAME_CLAIM", "sub")  # sub, or email (then only if email_verified)
     OIDC_GROUPS_CLAIM = env("OIDC_GROUPS_CLAIM", "groups")
     OIDC_GROUPS_MAP = json.loads(env("OIDC_GROUPS_MAP", "{}") or "{}")  # claim value -> Django group
     OIDC_GROUPS_PREFIX = env("OIDC_GROUPS_PREFIX")  # only claim values with this prefix become groups
+    OIDC_KEEP_GROUPS_WITHOUT_CLAIM = envbool("OIDC_KEEP_GROUPS_WITHOUT_CLAIM", False)  # absent claim: no groups
     OIDC_VERIFY_SSL = envbool("OIDC_VERIFY_SSL", True)
-    OIDC_RENEW_ID_TOKEN_EXPIRY_SECONDS = envint("OIDC_RENEW_SECONDS", 3600)
+    OIDC_RENEW_ID_TOKEN_EXPIRY_SECONDS = envint("OIDC_RENEW_SECONDS", 900)  # ask the provider again after
     LOGIN_URL = "oidc_authentication_init"
+    LOGIN_REDIRECT_URL_FAILURE = "/signin-failed/"  # not "/": a disabled user would loop through the provider
+    OIDC_EXEMPT_URLS = ["/healthz", "/metrics", "/signin-failed/"]
     ALLOW_LOGOUT_GET_METHOD = False
 
 # The chat page's defaults for a new conversation (each conversation can change them).

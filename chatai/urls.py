@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
+from django.views.generic import RedirectView
 
 from chatai import views
 from gateway.metrics import metrics_view
@@ -19,3 +20,8 @@ urlpatterns = [
 ]
 if settings.OIDC_ENABLED:
     urlpatterns.append(path("oidc/", include("mozilla_django_oidc.urls")))
+    urlpatterns.insert(0, path("signin-failed/", views.signin_failed, name="signin_failed"))
+if not settings.OIDC_PASSWORD_LOGIN:
+    # Single sign-on only: the password forms send the browser to the provider instead.
+    to_sso = RedirectView.as_view(pattern_name="oidc_authentication_init", query_string=True)
+    urlpatterns[:0] = [path("accounts/login/", to_sso), path("admin/login/", to_sso)]

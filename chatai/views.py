@@ -7,6 +7,7 @@ from typing import Any, Dict, List
 
 from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import SESSION_KEY
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -31,6 +32,15 @@ def index(request: HttpRequest) -> HttpResponse:
 
 def privacy(request: HttpRequest) -> HttpResponse:
     return render(request, "privacy.html")
+
+
+def signin_failed(request: HttpRequest) -> HttpResponse:
+    """Where single sign-on ends when it did not let the user in (disabled here, provider session over).
+    A session that still names a user who cannot sign in (disabled) is ended for good here, so
+    re-enabling the account later does not bring it back."""
+    if request.session.get(SESSION_KEY) and not request.user.is_authenticated:
+        request.session.flush()
+    return render(request, "signin_failed.html")
 
 
 def key_form_errors(name: str, days: str, models: List[str]) -> Dict[str, str]:

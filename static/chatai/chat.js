@@ -15,16 +15,24 @@
   };
 
   // ---- storage (IndexedDB) ------------------------------------------------------------
+  // One database per user of this browser, named after the user id (not the name, which SSO
+  // may reuse): another account signed in here later never sees these conversations.
+  var DB_NAME = document.body.dataset.chatDb;
   var db = null;
   function openDb() {
     return new Promise(function (resolve, reject) {
-      var req = indexedDB.open("chatai", 1);
+      if (!DB_NAME) { reject(new Error("no user")); return; }
+      var req = indexedDB.open(DB_NAME, 1);
       req.onupgradeneeded = function () {
         var d = req.result;
         if (!d.objectStoreNames.contains("conversations")) d.createObjectStore("conversations", { keyPath: "id" });
         if (!d.objectStoreNames.contains("settings")) d.createObjectStore("settings");
       };
-      req.onsuccess = function () { resolve(req.result); };
+      req.onsuccess = function () {
+        // "Forget my chats" (sign-out, any tab) deletes the database: let go of it when asked.
+        req.result.onversionchange = function () { req.result.close(); };
+        resolve(req.result);
+      };
       req.onerror = function () { reject(req.error); };
     });
   }
@@ -298,6 +306,7 @@
       if (!resp.ok) {
         return resp.json().catch(function () { return null; }).then(function (err) {
           reply.error = (err && err.error && err.error.message) || ("The request failed (HTTP " + resp.status + ").");
+          if (resp.status === 401) reply.error = "Your sign-in has ended: reload the page to sign in again.";
           if (resp.status === 429) reply.error += " Try again in " + (resp.headers.get("Retry-After") || "a few") + " s.";
         });
       }

@@ -49,7 +49,7 @@ class OIDCProvider:
                 "OIDC_OP_AUTHORIZATION_ENDPOINT": d["authorization_endpoint"],
                 "OIDC_OP_TOKEN_ENDPOINT": d["token_endpoint"], "OIDC_OP_USER_ENDPOINT": d["userinfo_endpoint"],
                 "OIDC_OP_JWKS_ENDPOINT": d["jwks_uri"], "OIDC_OP_LOGOUT_ENDPOINT": d["end_session_endpoint"],
-                "OIDC_RP_SCOPES": "openid email profile groups", "OIDC_USERNAME_CLAIM": "email"}
+                "OIDC_RP_SCOPES": "openid email profile groups"}  # users by sub, the default
 
     def stop(self) -> None:
         stop_process_group(self.proc)

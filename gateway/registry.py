@@ -17,9 +17,11 @@ from gateway.limits import Limits
 from gateway.models import ModelOverlay
 from gateway.threads import in_thread
 from hpcbridge.client import BridgeError
+from hpcbridge.failover import Offer
 from hpcbridge.registry import get_bridge
 
 _cache: Dict[str, Tuple[float, List[Dict[str, Any]]]] = {}
+STATUS_ORDER = {"ready": 0, "starting": 1, "queued": 2, "backoff": 3, "failed": 4, "offline": 5}
 _overlays: Optional[Tuple[float, List[ModelOverlay]]] = None
 
 
@@ -37,6 +39,7 @@ class ModelEntry:
     provider: Optional[Provider] = None  # an external OpenAI-compatible provider instead of a platform
     limits: Optional[Limits] = None  # per user (or key) for this model, from the overlay
     limits_id: str = ""
+    offers: Tuple[Offer, ...] = ()  # every platform offering the model (hpcbridge.failover ranks them)
 
     def as_openai(self) -> Dict[str, Any]:
         return {"id": self.id, "object": "model", "created": 0, "owned_by": self.platform,
@@ -77,9 +80,20 @@ async def all_models() -> Dict[str, ModelEntry]:
     entries: Dict[str, ModelEntry] = {}
     for name in get_bridge().platforms:
         for m in await platform_models(name):
-            entries.setdefault(m["id"], ModelEntry(m["id"], name, str(m.get("status", "offline")),
-                                                   int(m.get("demand") or 0), int(m.get("instances") or 0),
-                                                   m.get("max_model_len")))
+            estimate = m.get("start_estimate")
+            offer = Offer(name, str(m.get("status", "offline")), int(m.get("instances") or 0),
+                          float(estimate) if isinstance(estimate, (int, float)) else None)
+            entry = entries.get(m["id"])
+            if entry is None:
+                entries[m["id"]] = ModelEntry(m["id"], name, offer.status, int(m.get("demand") or 0),
+                                              offer.instances, m.get("max_model_len"), offers=(offer,))
+                continue
+            # Offered by several platforms: one model, its best status, all instances and demand.
+            entry.offers += (offer,)
+            entry.instances += offer.instances
+            entry.demand += int(m.get("demand") or 0)
+            if STATUS_ORDER.get(offer.status, 9) < STATUS_ORDER.get(entry.status, 9):
+                entry.status, entry.platform = offer.status, name
     for overlay in await overlays():
         entry = entries.get(overlay.model_id)
         if not overlay.enabled:

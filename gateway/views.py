@@ -26,9 +26,11 @@ from gateway.caller import Caller, caller_of
 from gateway.errors import ApiError
 from gateway.limits import Bucket, limiter
 from gateway.usage import writer
+from hpcbridge import failover
 from hpcbridge.client import BridgeError, Head, Progress
 from hpcbridge.registry import get_bridge
 
+DONE = b"data: [DONE]\n\n"
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and BPE tokenizers
 
@@ -208,8 +210,9 @@ def open_events(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw
             data, raw = {**data, "model": entry.provider.model}, b""
         return external.stream(entry.provider, ENDPOINTS[kind], raw or json.dumps(data).encode(), request_id)
     headers = {"content-type": "application/json", "x-request-id": request_id}
-    return get_bridge().get(entry.platform).stream("POST", ENDPOINTS[kind], entry.id, headers,
-                                                   raw or json.dumps(data).encode())
+    # Over the best platform offering the model; a lost link is survived (hpcbridge/failover.py).
+    return failover.stream(get_bridge(), entry.offers, "POST", ENDPOINTS[kind], entry.id, headers,
+                           raw or json.dumps(data).encode(), link_wait=settings.GATEWAY_LINK_WAIT)
 
 
 async def forward(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw: bytes,
@@ -279,7 +282,7 @@ async def sse(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_us
                     error = json.loads(body)
                 except ValueError:
                     error = {"error": {"message": body.decode(errors="replace")[:500], "type": "api_error"}}
-                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                yield b"data: " + json.dumps(error).encode() + b"\n\n" + DONE
                 return
             elif isinstance(event, Head):
                 acct.accepted = True
@@ -311,7 +314,7 @@ async def sse(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_us
                 return
     except BridgeError as exc:
         status = exc.status
-        yield b"data: " + json.dumps(bridge_error(exc).body()).encode() + b"\n\n"
+        yield b"data: " + json.dumps(bridge_error(exc).body()).encode() + b"\n\n" + DONE
     except BaseException:
         status = 499  # the client went away
         raise

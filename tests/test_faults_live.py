@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, List, Optional, Tuple
 
@@ -153,6 +154,28 @@ def test_with_slurmctld_down_the_ready_instances_go_on_serving(stack: Stack) -> 
     finally:
         stack.cluster.restart_controller()
     stack.wait_ready(2)
+
+
+def test_a_cut_ssh_link_loses_no_stream(stack: Stack) -> None:
+    stack.wait_ready(2)
+
+    async def cut() -> None:
+        assert stack.sshd.kill_sessions() >= 1
+
+    done, later = asyncio.run(under_load(stack, cut))
+    assert_nothing_lost(done, later)
+
+
+def test_a_killed_session_server_loses_no_stream(stack: Stack) -> None:
+    stack.wait_ready(2)
+
+    async def kill_server() -> None:
+        out = subprocess.run(["pkill", "-KILL", "-u", stack.h.account.name, "-f", "hpcside.*forcecommand"],
+                             check=False)
+        assert out.returncode == 0, "no session server found"
+
+    done, later = asyncio.run(under_load(stack, kill_server))
+    assert_nothing_lost(done, later)
 
 
 def test_a_lost_node_loses_no_stream(stack: Stack) -> None:

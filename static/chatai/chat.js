@@ -84,7 +84,12 @@
                       failed: "failed to start" };
   function loadModels() {
     return fetch("/v1/models", { credentials: "same-origin", headers: { "Accept": "application/json" } })
-      .then(function (r) { if (r.status === 401 || r.status === 403) location.reload(); return r.json(); })
+      .then(function (r) {
+        // Signed out, or the sign-in's periodic check with the provider is due: a page load renews
+        // it (silently while the provider's session lives). Never in the middle of a reply.
+        if ((r.status === 401 || r.status === 403) && !streaming) location.reload();
+        return r.json();
+      })
       .then(function (body) {
         models = (body && body.data) || [];
         var selected = ui.model.value || (current && current.model);

@@ -52,6 +52,7 @@ from django.core.exceptions import DisallowedHost  # noqa: E402
 from django.core.handlers.asgi import ASGIRequest  # noqa: E402
 from django.http import HttpResponseBase  # noqa: E402
 
+from chatai.graceful import draining  # noqa: E402
 from chatai.requestbody import keep_request_bodies_in_memory  # noqa: E402
 from gateway.errors import ApiError  # noqa: E402
 from gateway.urls import route  # noqa: E402
@@ -212,4 +213,5 @@ def router(site: Any, api: Any, static: Any) -> Callable[..., Awaitable[None]]:
     return application
 
 
-application = router(site, ApiApp(), StaticApp())
+application = draining.wrap(router(site, ApiApp(), StaticApp()))
+draining.install()

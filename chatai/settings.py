@@ -211,6 +211,8 @@ GATEWAY_MODELS_TTL = envint("GATEWAY_MODELS_TTL", 5)
 # Seconds a request waits for a lost link to an HPC platform to come back (or another platform
 # offering the model) before it fails; a cut stream is then continued (hpcbridge/failover.py).
 GATEWAY_LINK_WAIT = envint("GATEWAY_LINK_WAIT", 30)
+# Seconds a stopped (SIGTERM) daphne worker waits for its requests in flight before it exits.
+GRACEFUL_STOP_TIMEOUT = envint("GRACEFUL_STOP_TIMEOUT", 120)
 # Seconds an edited rate-limit policy or group membership takes to apply (they are cached in each worker).
 GATEWAY_POLICY_TTL = envint("GATEWAY_POLICY_TTL", 5)
 # Failed /v1 authentications (missing, malformed or unknown key) per client address and minute

@@ -1,0 +1,74 @@
+"""A daphne worker stopped with SIGTERM (a restart, a deploy) finishes its streams first."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from typing import Any, Iterator, List, Optional, Tuple
+
+import pytest
+
+from tests.live import LiveApp
+
+SENTENCE = "The capital of France is Paris."
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def app() -> Iterator[LiveApp]:
+    live = LiveApp(extra_env={"GRACEFUL_STOP_TIMEOUT": "60"}).start()
+    live.create_user("alice")
+    yield live
+    live.stop()
+
+
+async def one_stream(client: Any) -> Tuple[str, Optional[str]]:
+    text = ""
+    try:
+        stream = await client.chat.completions.create(model="stub-model", messages=ASK, stream=True,
+                                                      extra_body={"stub_delay": 0.1, "stub_repeat": 4})
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+        return text, None
+    except Exception as exc:  # noqa: BLE001 - what the client sees is the result
+        return text, f"{type(exc).__name__}: {exc}"
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except OSError:
+        return True
+
+
+def test_sigterm_lets_the_streams_in_flight_finish_and_takes_no_new_connection(app: LiveApp) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{app.url}/v1", api_key=app.create_key("alice"), max_retries=0,
+                                timeout=60)
+    daphne = app.procs[0]
+
+    async def run() -> Tuple[List[Tuple[str, Optional[str]]], bool]:
+        assert (await client.chat.completions.create(model="stub-model", messages=ASK)).choices  # warm
+        streams = [asyncio.ensure_future(one_stream(client)) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        os.kill(daphne.pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        closed = refused(app.ports[0])
+        return list(await asyncio.wait_for(asyncio.gather(*streams), 60)), closed
+
+    done, closed = asyncio.run(run())
+    errors = [e for _, e in done if e]
+    assert not errors, f"{len(errors)} of 8 streams were cut: {errors[:2]}"
+    assert [t for t, _ in done] == [SENTENCE * 4] * 8
+    assert closed, "the stopping worker still accepted connections"
+    deadline = time.monotonic() + 15
+    while daphne.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert daphne.poll() is not None, "the worker did not exit once its streams had finished"
+    assert "not accepting new connections" in app.logs()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -35,6 +36,7 @@ DELAY = 0.05
 class Stack:
     def __init__(self, cluster: SlurmCluster, h: Hpcside, sshd: SSHServer, app: LiveApp, key: str) -> None:
         self.cluster, self.h, self.sshd, self.app, self.key = cluster, h, sshd, app, key
+        self.app_logs = ""
 
     def ready(self) -> List[dict]:
         return [i for i in self.h.ready() if i["job_id"]]
@@ -49,31 +51,46 @@ class Stack:
         return openai.AsyncOpenAI(base_url=f"{self.app.url}/v1", api_key=self.key, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def stack(account: Account, deployment: Path) -> Iterator[Stack]:
+@contextmanager
+def build_stack(account: Account, deployment: Path, *, walltime: str = "10m", renewal_margin: str = "1m",
+                extra_env: Optional[Dict[str, str]] = None) -> Iterator[Stack]:
+    """The whole stack with two ready stand-in instances (also used by bench/chaos.py)."""
     with SlurmCluster(["n1", "n2", "n3"], account) as cluster:
         h = Hpcside(deployment, account, cluster)
-        h.write_config(h.stub_service(min_instances=2, max_instances=3, scale_up_inflight=64,
-                                      scale_down_delay="1h", readiness_timeout="60s"),
+        h.write_config(h.stub_service(min_instances=2, max_instances=3, scale_up_inflight=1000,
+                                      scale_down_delay="1h", readiness_timeout="60s", walltime=walltime,
+                                      renewal_margin=renewal_margin),
                        hold_timeout="90s", min_interval="1s")
         try:
             with SSHServer(h.account, h.deployment, h.config, slurm_env=f"SLURM_CONF={cluster.conf}") as sshd:
                 app = LiveApp(db="postgresql", redis_url="redis://127.0.0.1:6379/5", extra_env={
-                    "LIMIT_PARALLEL_STREAMS": "200", "LIMIT_REQUESTS_PER_MINUTE": "100000",
+                    "LIMIT_PARALLEL_STREAMS": "2000", "LIMIT_REQUESTS_PER_MINUTE": "1000000",
+                    "PYTHONASYNCIODEBUG": "1",  # slow callbacks on daphne's loop are logged: none may be
                     "HPC_PLATFORMS": json.dumps([{
                         "name": "hpc", "transport": "ssh", "host": "127.0.0.1", "port": sshd.port,
                         "user": h.account.name, "key_file": str(sshd.client_key),
-                        "known_hosts": str(sshd.known_hosts)}])})
+                        "known_hosts": str(sshd.known_hosts)}]), **(extra_env or {})})
                 app.start()
+                app.create_user("alice")
+                stack = Stack(cluster, h, sshd, app, app.create_key("alice"))
                 try:
-                    app.create_user("alice")
-                    stack = Stack(cluster, h, sshd, app, app.create_key("alice"))
                     stack.wait_ready(2)
                     yield stack
                 finally:
+                    app.stop_workers()
+                    stack.app_logs = app.logs()
                     app.stop()
         finally:
             h.cleanup()
+
+
+@pytest.fixture(scope="module")
+def stack(account: Account, deployment: Path) -> Iterator[Stack]:
+    with build_stack(account, deployment) as s:
+        yield s
+    # asyncio's debug mode logs every callback that held daphne's event loop for 100 ms or more.
+    slow = [line for line in s.app_logs.splitlines() if "Executing <" in line and " took " in line]
+    assert not slow, f"daphne's event loop was blocked: {slow[:3]}"
 
 
 async def one_stream(client: Any, repeat: int = REPEAT) -> Tuple[str, Optional[str]]:

@@ -6,7 +6,7 @@ Each worker process exports its own numbers; scrape every worker (they are separ
 from __future__ import annotations
 
 import hmac
-from typing import Iterator
+from typing import Any, Dict, Iterator, List
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -23,6 +23,14 @@ TTFB = Histogram("chatai_time_to_first_byte_seconds", "Time from request to the 
 TOKENS = Counter("chatai_tokens_total", "Tokens by model and kind", ["model", "kind"])
 RATE_LIMITED = Counter("chatai_rate_limited_total", "Requests refused by a rate limit", ["endpoint"])
 HELD = Counter("chatai_held_requests_total", "Requests held through a model's cold start", ["model"])
+COLD_START = Histogram("chatai_cold_start_seconds", "How long a held request waited for a ready instance",
+                       ["model"], buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200))
+
+
+def observe_progress(model: str, stage: str, elapsed: float) -> None:
+    """A held request's progress: its "ready" stage carries the wait through the cold start."""
+    if stage == "ready":
+        COLD_START.labels(model).observe(elapsed)
 
 
 class LinkStateCollector(Collector):
@@ -34,14 +42,40 @@ class LinkStateCollector(Collector):
         up = GaugeMetricFamily("chatai_platform_up", "1 when the link to the HPC platform is up", labels=["platform"])
         conns = GaugeMetricFamily("chatai_platform_connections", "Open SSH connections", labels=["platform"])
         streams = GaugeMetricFamily("chatai_platform_streams", "Requests in flight on the link", labels=["platform"])
+        slurm = GaugeMetricFamily("chatai_platform_slurm_ok", "1 when the platform's last pong found Slurm answering",
+                                  labels=["platform"])
+        instances = GaugeMetricFamily("chatai_platform_instances", "Ready instances per model (the last pong)",
+                                      labels=["platform", "model"])
+        models = GaugeMetricFamily("chatai_platform_models", "Models by status (queued: jobs waiting in Slurm)",
+                                   labels=["platform", "status"])
+        demand = GaugeMetricFamily("chatai_platform_demand", "Requests in flight or held per model",
+                                   labels=["platform", "model"])
         for name, platform in get_bridge().platforms.items():
             state = platform.state()
             up.add_metric([name], 1.0 if state["up"] else 0.0)
             conns.add_metric([name], state["connections"])
             streams.add_metric([name], state["streams"])
-        yield up
-        yield conns
-        yield streams
+            pong = state.get("last_pong") or {}
+            if state["up"] and pong:
+                slurm.add_metric([name], 1.0 if pong.get("slurm_ok") else 0.0)
+            for model, count in sorted((pong.get("ready") or {}).items()):
+                instances.add_metric([name, str(model)], float(count))
+            by_status = dict.fromkeys(("ready", "starting", "queued", "failed", "offline"), 0)
+            for m in known_models(name):
+                status = str(m.get("status", "offline"))
+                by_status[status] = by_status.get(status, 0) + 1
+                demand.add_metric([name, str(m["id"])], float(m.get("demand") or 0))
+            for status, count in by_status.items():
+                models.add_metric([name, status], float(count))
+        yield from (up, conns, streams, slurm, instances, models, demand)
+
+
+def known_models(platform: str) -> List[Dict[str, Any]]:
+    """The platform's models as the gateway last read them (its /v1/models cache): no request at scrape time."""
+    from gateway.registry import _cache
+
+    cached = _cache.get(platform)
+    return list(cached[1]) if cached else []
 
 
 REGISTRY.register(LinkStateCollector())

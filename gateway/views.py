@@ -229,6 +229,7 @@ async def forward(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], r
             metrics.HELD.labels(acct.model).inc()
         acct.first_byte()
         while isinstance(first, Progress) and not stream:
+            metrics.observe_progress(acct.model, first.stage, first.elapsed)
             first = await events.__anext__()  # a plain request simply waits through a cold start
         if isinstance(first, Head) and first.status == 200:
             acct.accepted = True
@@ -274,6 +275,7 @@ async def sse(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_us
         event: Any = first
         while True:
             if isinstance(event, Progress):
+                metrics.observe_progress(acct.model, event.stage, event.elapsed)
                 yield progress_comment(event, acct.user)
             elif isinstance(event, Head) and event.status != 200:
                 status = event.status

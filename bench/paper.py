@@ -24,7 +24,10 @@ bridge; --seconds each): the web server (a Django view, and a static file), the 
 bridge (probe over SSH), hpcside -> instance (requests over SSH through the router), and the whole
 path, each with the fast backend and with the real model (8 tokens per answer).
 
-    .venv/bin/python bench/paper.py [--seconds 10] [--samples 200] [--no-litellm]
+    .venv/bin/python bench/paper.py [--seconds 10] [--samples 200] [--repeat 3] [--no-litellm]
+
+With --repeat N both tables are measured N times on the same stack and each figure is the median
+of the N runs (as bench/gateway.py does); the report keeps the runs' count.
 
 Needs root (Slurm, sshd, the functional account) and the vLLM runtime and model that scripts/lib.sh
 prepares (scripts/test.sh or scripts/run.sh did it once). Writes bench/results/paper.json.
@@ -52,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import aiohttp  # noqa: E402
-from loadgen import LITELLM_KEY, ensure_tools, load, start_litellm, step, wrk  # noqa: E402
+from loadgen import LITELLM_KEY, ensure_tools, load, median_of, start_litellm, step, wrk  # noqa: E402
 
 from hpcbridge.client import Platform  # noqa: E402
 from hpcbridge.config import PlatformConfig  # noqa: E402
@@ -307,6 +310,17 @@ def table2(stack: Stack, seconds: int, levels: List[int]) -> Dict[str, Dict[str,
     return out
 
 
+def median_table1(runs: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
+    """Each row's figures: the median over the runs."""
+    return {name: median_of([run[name] for run in runs]) for name in runs[0]}
+
+
+def median_table2(runs: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Each component's figures at each concurrency: the median over the runs."""
+    return {name: {level: median_of([run[name][level] for run in runs]) for level in levels}
+            for name, levels in runs[0].items()}
+
+
 def print_tables(t1: Dict[str, Dict[str, float]], t2: Dict[str, Dict[str, Any]]) -> None:
     print(f"\nTable 1: latency per hop          {'p50 ms':>9} {'p90 ms':>9} {'n':>5}")
     for name, row in t1.items():
@@ -322,9 +336,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--concurrency", default="8,64", help="for the fast backend (the real model: 8)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each table; figures are their medians")
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "paper.json"))
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     for what, path in (("CHATAI_VLLM_PYTHON", VLLM_PYTHON), ("CHATAI_MODEL_DIR", MODEL_DIR)):
         if not path.exists():
             raise SystemExit(f"{what}: {path} is missing; scripts/run.sh or scripts/test.sh prepares it")
@@ -334,15 +351,19 @@ def main() -> None:
     stack = Stack(workdir, not args.no_litellm)
     try:
         stack.start()
-        t1 = asyncio.run(table1(stack, args.samples))
-        t2 = table2(stack, args.seconds, levels)
+        t1_runs, t2_runs = [], []
+        for i in range(args.repeat):
+            step(f"run {i + 1}/{args.repeat}")
+            t1_runs.append(asyncio.run(table1(stack, args.samples)))
+            t2_runs.append(table2(stack, args.seconds, levels))
+        t1, t2 = median_table1(t1_runs), median_table2(t2_runs)
     finally:
         step("stopping everything")
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
     report = {"date": datetime.date.today().isoformat(), "command": " ".join([".venv/bin/python", *sys.argv]),
               "machine": f"{pyplatform.machine()}, {os.cpu_count()} cores, {pyplatform.platform()}",
-              "python": pyplatform.python_version(), "table1": t1, "table2": t2}
+              "python": pyplatform.python_version(), "repeat": args.repeat, "table1": t1, "table2": t2}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print_tables(t1, t2)
     print(f"\nwrote {args.out}")

@@ -10,7 +10,7 @@ source scripts/lib.sh
 step "system packages"
 apt_need slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-client munged:munge \
   /usr/sbin/sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client \
-  chromium:chromium node:nodejs npm:npm nginx:nginx-light
+  chromium:chromium node:nodejs npm:npm nginx:nginx-light prometheus:prometheus
 [ -x /usr/bin/python3 ] || apt_install python3
 
 step "python environment"

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 from .config import ServiceConfig
 from .launchers import Job
+from .lifecycle import Phase
 from .state import Instance, Load, ModelLoad, SchedulerState, ServiceState
 
 # A drained instance gets this long for routers to re-read the routing table before it
@@ -135,13 +136,13 @@ class _Decider:
     def cancel(self, inst: Instance, reason: str) -> None:
         if inst.job_id is not None:
             self.plan.cancels.append(Cancel(inst.job_id, inst.iid, reason))
-        inst.phase = "cancelling"
+        inst.phase = Phase.CANCELLING
         inst.reason = reason
         inst.cancel_requested = self.now
         self.event(f"{inst.service}: cancel instance {inst.iid} (job {inst.job_id}): {reason}")
 
     def drain(self, inst: Instance, reason: str) -> None:
-        inst.phase = "draining"
+        inst.phase = Phase.DRAINING
         inst.reason = reason
         inst.drain_since = self.now
         self.event(f"{inst.service}: drain instance {inst.iid} (job {inst.job_id}): {reason}")
@@ -165,7 +166,7 @@ class _Decider:
         for svc in self.services.values():
             self.scale(svc)
         for inst in list(self.st.instances.values()):
-            if inst.service not in self.services and inst.phase != "cancelling":
+            if inst.service not in self.services and inst.phase != Phase.CANCELLING:
                 self.cancel(inst, "service removed from the configuration")
         for name in list(self.st.services):
             if name not in self.services:
@@ -177,7 +178,7 @@ class _Decider:
         self.st.slurm_ok, self.st.slurm_error = False, self.obs.slurm_error or "no answer"
         for inst in self.st.instances.values():
             probe = self.obs.probes.get(inst.iid)
-            if inst.phase in ("ready", "unhealthy") and probe is not None:
+            if inst.phase in (Phase.READY, Phase.UNHEALTHY) and probe is not None:
                 self.health(inst, probe, may_cancel=False)
         self.record_load()
 
@@ -208,26 +209,26 @@ class _Decider:
         inst.slurm_state, inst.node = job.state, job.node
         if job.time_left is not None:
             inst.expires_at = self.now + job.time_left
-        if inst.phase == "cancelling":
+        if inst.phase == Phase.CANCELLING:
             if inst.cancel_requested and self.now - inst.cancel_requested > CANCEL_RETRY_AFTER:
                 self.plan.cancels.append(Cancel(job.job_id, inst.iid, "cancel repeated"))
                 inst.cancel_requested = self.now
             return
         if job.state != "RUNNING":
-            inst.reason = job.reason if inst.phase in ("pending", "starting") else inst.reason
-            if inst.phase == "pending":
+            inst.reason = job.reason if inst.phase in (Phase.PENDING, Phase.STARTING) else inst.reason
+            if inst.phase == Phase.PENDING:
                 return
-        elif inst.phase == "pending":
-            inst.phase, inst.running_since, inst.reason = "starting", self.now, ""
+        elif inst.phase == Phase.PENDING:
+            inst.phase, inst.running_since, inst.reason = Phase.STARTING, self.now, ""
         endpoint = self.obs.endpoints.get(inst.iid)
         if endpoint:
             inst.host, inst.port = endpoint["host"], endpoint["port"]
         probe = self.obs.probes.get(inst.iid)
         if probe is not None:
             inst.last_probe = probe.detail
-        if inst.phase == "starting":
+        if inst.phase == Phase.STARTING:
             if probe is not None and probe.ok:
-                inst.phase, inst.ready_at = "ready", self.now
+                inst.phase, inst.ready_at = Phase.READY, self.now
                 ss = self.svc_state(inst.service)
                 ss.failures, ss.backoff_until, ss.last_error = 0, 0.0, ""
                 self.event(f"{inst.service}: instance {inst.iid} (job {inst.job_id}) ready on "
@@ -239,21 +240,21 @@ class _Decider:
                 if svc is not None and self.now - started > svc.readiness_timeout:
                     self.fail(inst, f"not ready {svc.readiness_timeout:.0f}s after starting")
                     self.cancel(inst, "stuck starting past the readiness timeout")
-        elif inst.phase in ("ready", "unhealthy"):
+        elif inst.phase in (Phase.READY, Phase.UNHEALTHY):
             if probe is not None:
                 self.health(inst, probe, may_cancel=True)
-        elif inst.phase == "draining":
+        elif inst.phase == Phase.DRAINING:
             self.follow_drain(inst)
 
     def health(self, inst: Instance, probe: Probe, may_cancel: bool) -> None:
         if probe.ok:
-            if inst.phase == "unhealthy":
+            if inst.phase == Phase.UNHEALTHY:
                 self.event(f"{inst.service}: instance {inst.iid} healthy again")
-            inst.phase, inst.unhealthy_since = "ready", None
+            inst.phase, inst.unhealthy_since = Phase.READY, None
             return
-        if inst.phase == "ready":
+        if inst.phase == Phase.READY:
             # Out of routing at once; replaced by scale() since it no longer counts.
-            inst.phase, inst.unhealthy_since = "unhealthy", self.now
+            inst.phase, inst.unhealthy_since = Phase.UNHEALTHY, self.now
             self.event(f"{inst.service}: instance {inst.iid} unhealthy ({probe.detail}), out of routing")
         svc = self.services.get(inst.service)
         grace = svc.unhealthy_grace if svc else 0.0
@@ -275,12 +276,12 @@ class _Decider:
     def job_gone(self, inst: Instance, job: Optional[Job]) -> None:
         if inst.job_id is None and self.now - inst.submitted_at < ORPHAN_RECORD_AFTER:
             return  # sbatch may still be on its way
-        if inst.phase in ("cancelling", "draining"):
+        if inst.phase in (Phase.CANCELLING, Phase.DRAINING):
             pass
-        elif inst.phase in ("pending", "starting"):
+        elif inst.phase in (Phase.PENDING, Phase.STARTING):
             state = job.state if job else "left the queue"
             self.fail(inst, f"job ended before the instance was ready ({state})")
-        elif inst.phase in ("ready", "unhealthy"):
+        elif inst.phase in (Phase.READY, Phase.UNHEALTHY):
             near_end = inst.expires_at is not None and inst.expires_at - self.now <= 90
             if not near_end:
                 self.lost(inst, "job ended unexpectedly (node failure, crash or cancelled outside hpcside)")
@@ -291,7 +292,7 @@ class _Decider:
     def retire_replaced(self, inst: Instance) -> None:
         """A renewal is ready: its predecessor stops taking requests and drains."""
         old = self.st.instances.get(inst.replaces or "")
-        if old is not None and old.phase in ("ready", "unhealthy"):
+        if old is not None and old.phase in (Phase.READY, Phase.UNHEALTHY):
             self.drain(old, f"replaced by {inst.iid} before walltime")
 
     # -- capacity --------------------------------------------------------------
@@ -309,10 +310,10 @@ class _Decider:
     def scale(self, svc: ServiceConfig) -> None:
         ss = self.svc_state(svc.name)
         mine = [i for i in self.st.instances.values() if i.service == svc.name]
-        ready = [i for i in mine if i.phase == "ready"]
-        live_ids = {i.iid for i in mine if i.phase in ("ready", "unhealthy")}
+        ready = [i for i in mine if i.phase == Phase.READY]
+        live_ids = {i.iid for i in mine if i.phase in (Phase.READY, Phase.UNHEALTHY)}
         # A renewal does not add capacity while the instance it replaces still serves.
-        starting = [i for i in mine if i.phase in ("pending", "starting")
+        starting = [i for i in mine if i.phase in (Phase.PENDING, Phase.STARTING)
                     and not (i.replaces and i.replaces in live_ids)]
         low, high = svc.bounds_at(self.local_now)
         load = ss.inflight + ss.waiting
@@ -356,7 +357,7 @@ class _Decider:
             if inst.expires_at is None or inst.expires_at - self.now > svc.renewal_margin:
                 continue
             successor = self.st.instances.get(inst.renewed_by or "")
-            if successor is not None and successor.phase in ("pending", "starting", "ready"):
+            if successor is not None and successor.phase in (Phase.PENDING, Phase.STARTING, Phase.READY):
                 continue
             if self.now < self.svc_state(svc.name).backoff_until:
                 continue
@@ -389,6 +390,6 @@ def routing_table(state: SchedulerState) -> Dict[str, List[Instance]]:
     """Ready instances per model: the only ones that get new requests."""
     table: Dict[str, List[Instance]] = {}
     for inst in sorted(state.instances.values(), key=lambda i: i.iid):
-        if inst.phase == "ready" and inst.port:
+        if inst.phase == Phase.READY and inst.port:
             table.setdefault(inst.model, []).append(inst)
     return table

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from . import __version__
 from . import protocol as p
 from .config import Config, ServiceConfig
+from .lifecycle import Stage, service_status
 from .resume import Transcript
 from .state import Load, ModelLoad, inflight_path, load_scheduler_state, publish_inflight, read_json
 from .upstream import ConnectFailed, Pool, Response, UpstreamFailed
@@ -495,16 +496,8 @@ class Session:
         for svc in self.config.services.values():
             mine = [i for i in state.instances.values() if i.service == svc.name]
             ss = state.services.get(svc.name)
-            if table.get(svc.model):
-                status = "ready"
-            elif any(i.phase == "starting" for i in mine):
-                status = "starting"
-            elif any(i.phase == "pending" for i in mine):
-                status = "queued"
-            elif ss is not None and ss.failures and ss.backoff_until > now:
-                status = "failed"
-            else:
-                status = "offline"
+            status = service_status(mine, ss, routable=len(table.get(svc.model, [])), slurm_ok=state.slurm_ok,
+                                    now=now).status.value
             out.append({"id": svc.model, "object": "model", "owned_by": "hpcside", "status": status,
                         "instances": len(table.get(svc.model, [])),
                         "demand": (ss.inflight + ss.waiting) if ss else 0,
@@ -525,7 +518,8 @@ class Session:
             while True:
                 inst = self.router.pick(svc.model, set())
                 if inst is not None:
-                    self.send_json(p.PROGRESS, sid, {"stage": "ready", "elapsed": round(time.monotonic() - started, 1)})
+                    self.send_json(p.PROGRESS, sid, {"stage": Stage.READY.value,
+                                                     "elapsed": round(time.monotonic() - started, 1)})
                     return inst
                 elapsed = time.monotonic() - started
                 if elapsed > limit:
@@ -557,19 +551,10 @@ class Session:
     def stage_of(self, svc: ServiceConfig) -> Tuple[str, str]:
         state = load_scheduler_state(self.config.settings.state_dir)
         mine = [i for i in state.instances.values() if i.service == svc.name]
-        ss = state.services.get(svc.name)
-        if not state.slurm_ok:
-            return "waiting", "the batch system is not answering"
-        starting = [i for i in mine if i.phase == "starting"]
-        if starting:
-            return "starting", f"loading the model on {starting[0].node or 'a node'}"
-        pending = [i for i in mine if i.phase == "pending"]
-        if pending:
-            reason = pending[0].reason or "waiting for resources"
-            return "queued", f"queued in Slurm ({reason})"
-        if ss is not None and ss.backoff_until > time.time():
-            return "backoff", f"recent starts failed; retrying in {ss.backoff_until - time.time():.0f}s"
-        return "requested", "an instance was requested"
+        # The stage ignores the routing table: hold() asks the router itself before each look.
+        words = service_status(mine, state.services.get(svc.name), routable=0, slurm_ok=state.slurm_ok,
+                               now=time.time())
+        return words.stage.value, words.message
 
     async def forward(self, sid: int, inst: Instance, method: str, path: str, headers: Dict[str, str],
                       body: bytes, reply: Reply) -> None:

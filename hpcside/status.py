@@ -6,6 +6,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from .config import Config
+from .lifecycle import Phase, service_status
 from .state import load_scheduler_state, read_json
 
 
@@ -30,11 +31,13 @@ def collect(config: Config, now: Optional[float] = None) -> Dict[str, Any]:
     for name, svc in config.services.items():
         ss = state.services.get(name)
         mine = [i for i in state.instances.values() if i.service == name]
-        count = {p: sum(1 for i in mine if i.phase == p) for p in
-                 ("pending", "starting", "ready", "unhealthy", "draining", "cancelling")}
+        count = {p.value: sum(1 for i in mine if i.phase == p) for p in Phase}
         backoff = ss.backoff_until - now if ss and ss.backoff_until > now else 0.0
+        words = service_status(mine, ss, routable=len((routing.get("models") or {}).get(svc.model) or ()),
+                               slurm_ok=state.slurm_ok, now=now)
         services.append({
             "service": name, "model": svc.model,
+            "status": words.status.value, "stage": words.stage.value, "message": words.message,
             "desired": ss.desired if ss else None,
             "bounds": ss.bounds if ss else [svc.min_instances, svc.max_instances],
             "instances": count,

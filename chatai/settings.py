@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 
 from chatai import netaddr
-from chatai.env import env, envbool, envint, envlist
+from common.env import env, envbool, envint, envlist
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env("CHATAI_DATA_DIR", str(BASE_DIR / "var")))

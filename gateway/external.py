@@ -15,8 +15,8 @@ from typing import AsyncIterator, Dict, Union
 
 import aiohttp
 
-from chatai.env import env
-from hpcbridge.client import BridgeError, Head
+from common.env import env
+from common.upstream import Head, UpstreamError
 
 log = logging.getLogger("gateway.external")
 PASS_HEADERS = ("content-type", "openai-processing-ms", "x-request-id", "retry-after")
@@ -55,7 +55,7 @@ async def stream(provider: Provider, endpoint: str, body: bytes, request_id: str
     if provider.key_env and not key:
         log.error("external model %s: no key in %s or %s_FILE", provider.model_id, provider.key_env,
                   provider.key_env)
-        raise BridgeError(503, "provider_not_configured",
+        raise UpstreamError(503, "provider_not_configured",
                           f"The provider of `{provider.model_id}` is not configured; tell the operators.")
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                "X-Request-Id": request_id}
@@ -67,10 +67,10 @@ async def stream(provider: Provider, endpoint: str, body: bytes, request_id: str
             async for chunk in resp.content.iter_any():
                 yield chunk
     except asyncio.TimeoutError:
-        raise BridgeError(504, "upstream_timeout", f"The provider of `{provider.model_id}` did not answer in time.",
+        raise UpstreamError(504, "upstream_timeout", f"The provider of `{provider.model_id}` did not answer in time.",
                           retry_after=5) from None
     except aiohttp.ClientError as exc:
         # The exception names host and port only, never the body.
         log.warning("external model %s: %s", provider.model_id, type(exc).__name__)
-        raise BridgeError(502, "upstream_unreachable",
+        raise UpstreamError(502, "upstream_unreachable",
                           f"The provider of `{provider.model_id}` could not be reached.", retry_after=5) from None

@@ -7,8 +7,7 @@ import functools
 import hashlib
 import hmac
 import secrets
-import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -16,6 +15,7 @@ from django.core.cache import caches
 from django.db import connection
 from django.utils import timezone
 
+from common.expiring import Expiring
 from gateway.models import ApiKey
 
 KEY_PREFIX = "cai-"
@@ -46,7 +46,7 @@ def split_key(raw: str) -> Optional[tuple[str, str]]:
     return prefix, secret
 
 
-_keys: Dict[str, Tuple[float, ApiKey]] = {}
+_keys: Expiring[str, ApiKey] = Expiring(lambda: settings.GATEWAY_POLICY_TTL)
 
 
 def _unknown(prefix: str) -> str:
@@ -68,15 +68,13 @@ def _state_sql() -> str:
 def _fetch(prefix: str) -> Optional[ApiKey]:
     """The key with its user. The object is kept for GATEWAY_POLICY_TTL seconds; what must apply
     at once (revocation, deletion, a disabled account) is re-read on every call with one plain query."""
-    now = time.monotonic()
-    cached = _keys.get(prefix)
-    if cached is not None and cached[0] > now:
-        key = cached[1]
+    key = _keys.get(prefix)
+    if key is not None:
         with connection.cursor() as cursor:
             cursor.execute(_state_sql(), [key.pk])
             row = cursor.fetchone()
         if row is None:
-            _keys.pop(prefix, None)
+            _keys.pop(prefix)
             return None
         if not row[0] and key.revoked_at is None:
             key.revoked_at = timezone.now()
@@ -91,10 +89,7 @@ def _fetch(prefix: str) -> Optional[ApiKey]:
     except ApiKey.DoesNotExist:
         caches["default"].set(unknown, 1, settings.GATEWAY_UNKNOWN_KEY_TTL)
         return None
-    if len(_keys) > 100_000:
-        _keys.clear()
-    _keys[prefix] = (now + settings.GATEWAY_POLICY_TTL, key)
-    return key
+    return _keys.put(prefix, key)
 
 
 def api_key_authenticate(raw: str) -> Optional[ApiKey]:

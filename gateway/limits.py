@@ -24,6 +24,7 @@ from django.conf import settings
 from django.core.cache import caches
 from django.core.cache.backends.locmem import LocMemCache
 
+from common.expiring import Expiring
 from gateway.threads import in_thread
 
 log = logging.getLogger("gateway.limits")
@@ -56,31 +57,20 @@ class Decision:
     subject: str = ""  # whose limit refused
 
 
-_policies: Optional[tuple[float, List[Any]]] = None
-_groups: Dict[int, tuple[float, FrozenSet[int]]] = {}
+_policies: Expiring[str, List[Any]] = Expiring(lambda: settings.GATEWAY_POLICY_TTL)
+_groups: Expiring[int, FrozenSet[int]] = Expiring(lambda: settings.GATEWAY_POLICY_TTL, max_size=50_000)
 
 
 def policies() -> List[Any]:
     """Every rate-limit policy (a short table), re-read at most every GATEWAY_POLICY_TTL seconds. Sync."""
-    global _policies
     from gateway.models import RateLimitPolicy
 
-    now = time.monotonic()
-    if _policies is None or _policies[0] <= now:
-        _policies = (now + settings.GATEWAY_POLICY_TTL, list(RateLimitPolicy.objects.all()))
-    return _policies[1]
+    return _policies.get_or_load("", lambda: list(RateLimitPolicy.objects.all()))
 
 
 def group_ids_of(user: Any) -> FrozenSet[int]:
     """The user's groups, re-read at most every GATEWAY_POLICY_TTL seconds. Sync."""
-    now = time.monotonic()
-    cached = _groups.get(user.pk)
-    if cached is None or cached[0] <= now:
-        if len(_groups) > 50_000:
-            _groups.clear()
-        groups = frozenset(user.groups.values_list("pk", flat=True))
-        cached = _groups[user.pk] = (now + settings.GATEWAY_POLICY_TTL, groups)
-    return cached[1]
+    return _groups.get_or_load(user.pk, lambda: frozenset(user.groups.values_list("pk", flat=True)))
 
 
 def key_limits_for(key: Any) -> Optional[Limits]:

@@ -72,10 +72,9 @@ class LinkStateCollector(Collector):
 
 def known_models(platform: str) -> List[Dict[str, Any]]:
     """The platform's models as the gateway last read them (its /v1/models cache): no request at scrape time."""
-    from gateway.registry import _cache
+    from gateway.registry import platform_lists
 
-    cached = _cache.get(platform)
-    return list(cached[1]) if cached else []
+    return list(platform_lists.stale(platform) or [])
 
 
 REGISTRY.register(LinkStateCollector())

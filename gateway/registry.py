@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from django.conf import settings
 from django.db import close_old_connections
 
+from common.expiring import Expiring
 from gateway.caller import Caller
 from gateway.errors import ApiError
 from gateway.external import Provider
@@ -20,9 +20,10 @@ from hpcbridge.client import BridgeError
 from hpcbridge.failover import Offer
 from hpcbridge.registry import get_bridge
 
-_cache: Dict[str, Tuple[float, List[Dict[str, Any]]]] = {}
 STATUS_ORDER = {"ready": 0, "starting": 1, "queued": 2, "backoff": 3, "failed": 4, "offline": 5}
-_overlays: Optional[Tuple[float, List[ModelOverlay]]] = None
+# Each platform's /v1/models and the admin overlay, re-read at most every GATEWAY_MODELS_TTL seconds.
+platform_lists: Expiring[str, List[Dict[str, Any]]] = Expiring(lambda: settings.GATEWAY_MODELS_TTL)
+_overlays: Expiring[str, List[ModelOverlay]] = Expiring(lambda: settings.GATEWAY_MODELS_TTL)
 
 
 @dataclass
@@ -48,18 +49,16 @@ class ModelEntry:
 
 
 async def platform_models(name: str) -> List[Dict[str, Any]]:
-    now = time.monotonic()
-    cached = _cache.get(name)
-    if cached and cached[0] > now:
-        return cached[1]
+    models = platform_lists.get(name)
+    if models is not None:
+        return models
     try:
         head, body = await get_bridge().get(name).request("GET", "/v1/models")
         models = [m for m in json.loads(body).get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
     except (BridgeError, ValueError):
         # The platform is down: its models stay known, marked offline, so clients see why.
-        models = [{**m, "status": "offline", "instances": 0} for m in (cached[1] if cached else [])]
-    _cache[name] = (now + settings.GATEWAY_MODELS_TTL, models)
-    return models
+        models = [{**m, "status": "offline", "instances": 0} for m in platform_lists.stale(name) or []]
+    return platform_lists.put(name, models)
 
 
 def _load_overlays() -> List[ModelOverlay]:
@@ -69,11 +68,10 @@ def _load_overlays() -> List[ModelOverlay]:
 
 async def overlays() -> List[ModelOverlay]:
     """The admin overlay, re-read at most every GATEWAY_MODELS_TTL seconds (like the platforms' lists)."""
-    global _overlays
-    now = time.monotonic()
-    if _overlays is None or _overlays[0] <= now:
-        _overlays = (now + settings.GATEWAY_MODELS_TTL, await in_thread(_load_overlays))
-    return _overlays[1]
+    current = _overlays.get("")
+    if current is None:
+        current = _overlays.put("", await in_thread(_load_overlays))
+    return current
 
 
 async def all_models() -> Dict[str, ModelEntry]:
@@ -135,9 +133,9 @@ async def resolve(model: str, caller: Caller) -> ModelEntry:
 
 def note_ready(platform: str, model: str) -> None:
     """A model that just answered is ready, whatever the cached list said a moment ago."""
-    cached = _cache.get(platform)
+    cached = platform_lists.stale(platform)
     if cached:
-        for m in cached[1]:
+        for m in cached:
             if m.get("id") == model and m.get("status") != "ready":
                 m["status"] = "ready"
                 m["instances"] = max(1, int(m.get("instances") or 0))

@@ -21,8 +21,9 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
+from common.upstream import Event, Head, Progress, UpstreamError
 from hpcbridge.config import PlatformConfig
 from hpcbridge.links import HostKeyRefused, Link, LinkError, open_link
 from hpcside import protocol as p
@@ -30,33 +31,14 @@ from hpcside import protocol as p
 log = logging.getLogger("hpcbridge")
 
 
-class BridgeError(Exception):
-    """A request failed; ``status``/``code``/``message`` are safe to show to the API client."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: Optional[float] = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+class BridgeError(UpstreamError):
+    """A request over an HPC platform's link failed; safe to show to the API client."""
 
 
 class PlatformUnavailable(BridgeError):
     pass
 
 
-@dataclass(frozen=True)
-class Head:
-    status: int
-    headers: Dict[str, str]
-    instance: str = ""
-
-
-@dataclass(frozen=True)
-class Progress:
-    stage: str
-    message: str
-    elapsed: float
-
-
-Event = Union[Head, Progress, bytes]
 _LOST = object()  # sentinel: the link went down
 
 

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Dict, List, Optional, Sequence, Set
 
-from hpcbridge.client import Bridge, BridgeError, Event, Head, Platform, PlatformUnavailable, Progress
+from common.upstream import Event, Head, Progress
+from hpcbridge.client import Bridge, BridgeError, Platform, PlatformUnavailable
 from hpcside.resume import Transcript
 
 CONTINUABLE = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional
 
+from .sse import split_events
+
 DONE = b"data: [DONE]\n\n"
 # Fields that constrain generation from its first token on: a continuation would restart them.
 _STRUCTURED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
@@ -48,12 +50,9 @@ class Transcript:
 
     def feed(self, data: bytes) -> bytes:
         """The complete events in ``data`` (plus what was pending), ready to send; a partial one waits."""
-        self.pending += data
-        if b"\n\n" not in self.pending:
-            return b""
-        complete, _, self.pending = self.pending.rpartition(b"\n\n")
+        blocks, self.pending = split_events(self.pending + data)
         out = []
-        for block in complete.split(b"\n\n"):
+        for block in blocks:
             sent = self._event(block)
             if sent is not None:
                 out.append(sent + b"\n\n")

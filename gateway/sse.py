@@ -1,0 +1,179 @@
+"""The stream logic of /v1, pure: no I/O, no clock, no Django.
+
+A streamed reply goes to the client event by event (``Relay``: whole events only, split by
+hpcside's one SSE splitter). On the way, each event's text is counted, never kept, and the
+upstream's usage is taken (``Tally``); the usage-only chunk that the gateway asked for goes to
+the client only if the client asked too. What a request is charged at the end is
+``charged_tokens``: the upstream's usage, or for a reply the model accepted that ended without
+one (the client left, the provider sent none) an estimate from the characters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from hpcside.sse import split_events
+
+DONE = b"data: [DONE]\n\n"
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and BPE tokenizers
+
+
+# -- reading events --------------------------------------------------------------------------
+
+def event_object(block: bytes) -> Optional[Dict[str, Any]]:
+    """The JSON object of a ``data: {...}`` event (without its blank line); None for a comment,
+    ``[DONE]``, a payload that is not a JSON object, or anything else."""
+    if not block.startswith(b"data:"):
+        return None
+    payload = block[5:].lstrip(b" ")
+    if not payload.startswith(b"{"):
+        return None
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def text_size(obj: Dict[str, Any]) -> int:
+    """Characters of text in a streamed event (chat delta content or reasoning, completion text)."""
+    size = 0
+    for choice in obj.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        for piece in (choice.get("text"), *((delta.get("content"), delta.get("reasoning_content"))
+                                            if isinstance(delta, dict) else ())):
+            if isinstance(piece, str):
+                size += len(piece)
+    return size
+
+
+def is_usage_only(obj: Dict[str, Any]) -> bool:
+    """The final chunk that ``stream_options.include_usage`` adds: usage and no choices."""
+    return bool(obj.get("usage")) and not obj.get("choices")
+
+
+# -- counting --------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    """What a reply told about its tokens: the upstream's usage if any, and the streamed text's
+    size (events that carried text, characters). Counts only, never text."""
+
+    usage: Optional[Dict[str, Any]] = None
+    chunks: int = 0
+    chars: int = 0
+
+    def take_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage = usage
+
+    def note(self, obj: Dict[str, Any]) -> None:
+        size = text_size(obj)
+        if size:
+            self.chunks += 1
+            self.chars += size
+        if obj.get("usage"):
+            self.take_usage(obj["usage"])
+
+
+def estimate_tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def charged_tokens(tally: Tally, accepted: bool, prompt_estimate: int) -> Tuple[int, int]:
+    """(prompt, completion) tokens to charge. The upstream's usage if it sent one; else, for a reply
+    the model accepted, the prompt's estimate and the larger of the streamed chunks that carried
+    text and the streamed characters / 4; else nothing."""
+    if tally.usage is not None:
+        return int(tally.usage.get("prompt_tokens") or 0), int(tally.usage.get("completion_tokens") or 0)
+    if accepted:
+        return prompt_estimate, max(tally.chunks, estimate_tokens(tally.chars))
+    return 0, 0
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of prompt text in a message content, prompt or input (strings, parts, lists); a list
+    of token ids counts CHARS_PER_TOKEN characters per token."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int):
+        return CHARS_PER_TOKEN
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    if isinstance(value, dict):
+        return _text_chars(value.get("text") or value.get("content") or "")
+    return 0
+
+
+def prompt_estimate(data: Dict[str, Any], kind: str) -> int:
+    """The prompt's tokens as estimated from its text, for a request that ends without usage."""
+    if kind == "chat":
+        size = sum(_text_chars(m.get("content")) for m in data.get("messages") or [] if isinstance(m, dict))
+    else:
+        size = _text_chars(data.get("prompt" if kind == "completions" else "input"))
+    return estimate_tokens(size)
+
+
+def usage_in_body(body: bytes) -> Any:
+    """The ``usage`` of a whole (not streamed) JSON reply, or None."""
+    try:
+        return json.loads(body).get("usage")
+    except (ValueError, AttributeError):
+        return None
+
+
+# -- relaying --------------------------------------------------------------------------------
+
+class Relay:
+    """One upstream SSE stream as the client receives it: whole events as they complete (a partial
+    one waits for its end), every event counted into ``tally``, and the usage-only chunk dropped
+    unless the client asked for usage (``wants_usage``)."""
+
+    def __init__(self, wants_usage: bool) -> None:
+        self.wants_usage = wants_usage
+        self.tally = Tally()
+        self.pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The complete events in ``data`` (plus what was pending), ready to send."""
+        blocks, self.pending = split_events(self.pending + data)
+        out: List[bytes] = []
+        for block in blocks:
+            obj = event_object(block)
+            if obj is not None:
+                self.tally.note(obj)
+                if not self.wants_usage and is_usage_only(obj):
+                    continue
+            out.append(block + b"\n\n")
+        return b"".join(out)
+
+    def tail(self) -> bytes:
+        """What is left when the upstream ended: passed on as it is."""
+        rest, self.pending = self.pending, b""
+        return rest
+
+
+# -- endings ---------------------------------------------------------------------------------
+
+def error_object(body: bytes) -> Any:
+    """An upstream's error reply as the object to send: its JSON, or its text in OpenAI's shape."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return {"error": {"message": body.decode(errors="replace")[:500], "type": "api_error"}}
+
+
+def error_ending(error: Any) -> bytes:
+    """The end of a stream that failed: one event with the error, then ``[DONE]``."""
+    return b"data: " + json.dumps(error).encode() + b"\n\n" + DONE
+
+
+def progress_comment(stage: str, message: str, elapsed: float, staff: bool) -> bytes:
+    """A cold start's progress as an SSE comment (OpenAI clients ignore comments). The message names
+    nodes and Slurm's reasons: staff see it; everybody else sees the stage word only."""
+    text = (message or stage) if staff else (stage or "waiting")
+    return f": {' '.join(text.split())} ({elapsed:.0f}s)\n\n".encode()

@@ -1,0 +1,144 @@
+"""The stream logic of /v1 (gateway/sse.py and hpcside/sse.py), in process: pure functions, no server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List
+
+import pytest
+
+from gateway import sse
+from hpcside.sse import split_events
+
+
+def ev(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def chunk(content: str) -> Dict[str, Any]:
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]}
+
+
+USAGE = {"id": "c1", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+ERROR = {"error": {"message": "boom", "type": "server_error", "code": None}}
+
+
+def relay_in_pieces(raw: bytes, size: int, wants_usage: bool) -> tuple[bytes, sse.Relay]:
+    relay = sse.Relay(wants_usage)
+    out = b"".join(relay.feed(raw[i:i + size]) for i in range(0, len(raw), size))
+    return out + relay.tail(), relay
+
+
+def events(raw: bytes) -> List[bytes]:
+    return [block for block in raw.split(b"\n\n") if block]
+
+
+def test_the_splitter_returns_whole_events_and_keeps_the_partial_one() -> None:
+    assert split_events(b"data: a\n\ndata: b\n\ndata: c") == ([b"data: a", b"data: b"], b"data: c")
+    assert split_events(b"data: a") == ([], b"data: a")
+    assert split_events(b"data: a\n\n") == ([b"data: a"], b"")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13, 1000])
+def test_events_reach_the_client_whole_whatever_the_byte_boundaries(size: int) -> None:
+    raw = ev(chunk("Hel")) + b": queued (3s)\n\n" + ev(chunk("lo")) + sse.DONE
+    relay = sse.Relay(wants_usage=False)
+    sent: List[bytes] = []
+    for i in range(0, len(raw), size):
+        out = relay.feed(raw[i:i + size])
+        assert not out or out.endswith(b"\n\n")  # never half an event
+        sent.append(out)
+    assert b"".join(sent) == raw
+    assert relay.tail() == b""
+    assert (relay.tally.chunks, relay.tally.chars) == (2, 5)
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+@pytest.mark.parametrize("wants_usage", [True, False])
+def test_the_usage_chunk_is_taken_wherever_it_comes_and_sent_only_if_asked(position: int, wants_usage: bool) -> None:
+    parts = [ev(chunk("ab")), ev(chunk("cd"))]
+    parts.insert(position, ev(USAGE))
+    raw = b"".join(parts) + sse.DONE
+    for size in (1, 7, len(raw)):
+        out, relay = relay_in_pieces(raw, size, wants_usage)
+        assert relay.tally.usage == USAGE["usage"]
+        expected = raw if wants_usage else raw.replace(ev(USAGE), b"")
+        assert out == expected
+
+
+def test_usage_that_rides_on_a_chunk_with_text_is_never_dropped() -> None:
+    both = {**chunk("xyz"), "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
+    out, relay = relay_in_pieces(ev(both) + sse.DONE, 4, wants_usage=False)
+    assert out == ev(both) + sse.DONE
+    assert relay.tally.usage == {"prompt_tokens": 2, "completion_tokens": 1}
+    assert relay.tally.chars == 3
+
+
+def test_comments_done_and_error_events_pass_untouched_and_count_nothing() -> None:
+    raw = b": loading the model (12s)\n\n" + ev(ERROR) + b"data:not json\n\n" + sse.DONE
+    out, relay = relay_in_pieces(raw, 3, wants_usage=False)
+    assert out == raw
+    assert relay.tally == sse.Tally()
+
+
+def test_an_event_without_the_space_after_data_is_counted_too() -> None:
+    raw = b'data:{"choices":[{"text":"four"}]}\n\n'
+    out, relay = relay_in_pieces(raw, 5, wants_usage=False)
+    assert out == raw
+    assert (relay.tally.chunks, relay.tally.chars) == (1, 4)
+
+
+def test_text_of_reasoning_and_of_completions_is_counted_but_roles_are_not() -> None:
+    obj = {"choices": [{"delta": {"role": "assistant", "content": "ab", "reasoning_content": "cde"}},
+                       {"text": "fghi"}, "not a choice"]}
+    assert sse.text_size(obj) == 9
+    assert sse.text_size({"choices": [{"delta": {"role": "assistant"}}]}) == 0
+
+
+def test_an_unfinished_last_event_is_passed_on_as_it_is_when_upstream_ends() -> None:
+    out, _ = relay_in_pieces(ev(chunk("a")) + b'data: {"cho', 4, wants_usage=False)
+    assert out == ev(chunk("a")) + b'data: {"cho'
+
+
+def test_usage_decides_what_is_charged_when_upstream_sent_it() -> None:
+    tally = sse.Tally(usage={"prompt_tokens": 7, "completion_tokens": 3}, chunks=50, chars=900)
+    assert sse.charged_tokens(tally, accepted=True, prompt_estimate=99) == (7, 3)
+
+
+def test_a_reply_cut_before_its_usage_is_charged_an_estimate() -> None:
+    # 10 chunks of 2 characters: 10 chunks beat 20 / 4 = 5 tokens; 30 characters in 3 chunks: 8 tokens.
+    assert sse.charged_tokens(sse.Tally(chunks=10, chars=20), accepted=True, prompt_estimate=12) == (12, 10)
+    assert sse.charged_tokens(sse.Tally(chunks=3, chars=30), accepted=True, prompt_estimate=12) == (12, 8)
+
+
+def test_a_request_the_model_never_accepted_is_charged_nothing() -> None:
+    assert sse.charged_tokens(sse.Tally(chunks=3, chars=30), accepted=False, prompt_estimate=12) == (0, 0)
+
+
+def test_the_prompt_estimate_counts_text_parts_and_token_ids() -> None:
+    chat = {"messages": [{"role": "user", "content": "12345678"},
+                         {"role": "user", "content": [{"type": "text", "text": "abcd"}]}, "junk"]}
+    assert sse.prompt_estimate(chat, "chat") == 3  # 12 characters
+    assert sse.prompt_estimate({"prompt": [1, 2, 3]}, "completions") == 3
+    assert sse.prompt_estimate({"input": "abcde"}, "embeddings") == 2
+
+
+def test_usage_of_a_whole_reply_is_read_from_its_json() -> None:
+    assert sse.usage_in_body(json.dumps({"usage": {"prompt_tokens": 1}}).encode()) == {"prompt_tokens": 1}
+    assert sse.usage_in_body(b"not json") is None
+    assert sse.usage_in_body(b"[1, 2]") is None
+
+
+def test_an_upstream_error_ends_the_stream_with_one_error_event_and_done() -> None:
+    assert sse.error_ending(sse.error_object(json.dumps(ERROR).encode())) == ev(ERROR) + sse.DONE
+    plain = sse.error_ending(sse.error_object(b"Bad Gateway" + b"x" * 1000))
+    first, done = events(plain)
+    assert json.loads(first[6:])["error"]["message"] == "Bad Gateway" + "x" * 489
+    assert done == b"data: [DONE]"
+
+
+def test_progress_names_nodes_to_staff_only() -> None:
+    assert sse.progress_comment("queued", "queued in Slurm  (Priority)", 12.4, staff=True) == \
+        b": queued in Slurm (Priority) (12s)\n\n"
+    assert sse.progress_comment("queued", "queued in Slurm (Priority)", 12.4, staff=False) == b": queued (12s)\n\n"
+    assert sse.progress_comment("", "", 1, staff=False) == b": waiting (1s)\n\n"

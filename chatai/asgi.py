@@ -18,50 +18,22 @@ import os
 import traceback
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
+from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.core.exceptions import DisallowedHost
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpResponseBase
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatai.settings")
-site = get_asgi_application()  # sets Django up: imports below need it
+from chatai.contenttype import speed_up_twisted_content_type
+from chatai.graceful import draining
+from chatai.requestbody import keep_request_bodies_in_memory
+from gateway.errors import ApiError
 
-
-def _speed_up_twisted_content_type() -> None:
-    """Twisted parses every POST's Content-Type with the email package (to find form posts,
-    which daphne never uses): a sixth of the API's CPU, measured. JSON and SSE media types
-    are answered directly, with the same result; anything else goes to Twisted's parser."""
-    try:
-        from twisted.web import http
-    except ImportError:
-        return
-    original = getattr(http, "_parseContentType", None)
-    if original is None or getattr(original, "chatai_fast", False):
-        return
-    common = {b"application/json", b"text/event-stream", b"text/plain"}
-
-    def parse(line: bytes) -> bytes:
-        media = line.split(b";", 1)[0].strip().lower()
-        return media if media in common else original(line)
-
-    parse.chatai_fast = True  # type: ignore[attr-defined]
-    http._parseContentType = parse
-
-
-_speed_up_twisted_content_type()
-
-from django.conf import settings  # noqa: E402
-from django.core.exceptions import DisallowedHost  # noqa: E402
-from django.core.handlers.asgi import ASGIRequest  # noqa: E402
-from django.http import HttpResponseBase  # noqa: E402
-
-from chatai.graceful import draining  # noqa: E402
-from chatai.requestbody import keep_request_bodies_in_memory  # noqa: E402
-from gateway.errors import ApiError  # noqa: E402
-from gateway.urls import route  # noqa: E402
-
-keep_request_bodies_in_memory(lambda: settings.GATEWAY_MAX_BODY)  # Twisted would spool them to /tmp
 log = logging.getLogger("chatai.api")
 API_HEADERS = [(b"X-Content-Type-Options", b"nosniff"), (b"Referrer-Policy", b"same-origin")]
 Send = Callable[[Dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[Dict[str, Any]]]
+Route = Callable[[str], Tuple[Callable[..., Any], Dict[str, str]]]
 
 
 class Disconnected(Exception):
@@ -69,7 +41,11 @@ class Disconnected(Exception):
 
 
 class ApiApp:
-    """/v1 only: read the body (bounded, in memory), call the view, send the response."""
+    """/v1 only: read the body (bounded, in memory), call the view, send the response. ``route``
+    (gateway.urls.route) names the view for a path; Django's resolver serves /v1 through it too."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
 
     async def __call__(self, scope: Dict[str, Any], receive: Receive, send: Send) -> None:
         try:
@@ -83,7 +59,7 @@ class ApiApp:
         request._body = body  # type: ignore[attr-defined]  # what request.body returns, no re-read
         try:
             request.get_host()  # ALLOWED_HOSTS, as Django's CommonMiddleware would check it
-            view, kwargs = route(request.path_info[len("/v1/"):])
+            view, kwargs = self.route(request.path_info[len("/v1/"):])
             response = await view(request, **kwargs)
         except DisallowedHost:
             response = ApiError(400, "Invalid Host header.", code="invalid_host").response()
@@ -213,5 +189,17 @@ def router(site: Any, api: Any, static: Any) -> Callable[..., Awaitable[None]]:
     return application
 
 
-application = draining.wrap(router(site, ApiApp(), StaticApp()))
-draining.install()
+def build() -> Callable[..., Awaitable[None]]:
+    """The site's ASGI application. Django is set up first: the gateway's views import its models."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatai.settings")
+    site = get_asgi_application()
+    from gateway.urls import route  # needs the apps loaded
+
+    speed_up_twisted_content_type()
+    keep_request_bodies_in_memory(lambda: settings.GATEWAY_MAX_BODY)  # Twisted would spool them to /tmp
+    app = draining.wrap(router(site, ApiApp(route), StaticApp()))
+    draining.install()
+    return app
+
+
+application = build()

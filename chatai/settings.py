@@ -43,7 +43,19 @@ INSTALLED_APPS = [
     "gateway",
     "hpcbridge",
     "django_prometheus",
+    "rest_framework",
+    "api",
 ]
+
+# /api (DRF): the same API keys as /v1, or the session with CSRF; errors in /v1's shape.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["api.auth.ApiKeyAuthentication", "api.auth.ChatSessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer",
+                                 "rest_framework.renderers.BrowsableAPIRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "api.errors.exception_handler",
+}
 
 MIDDLEWARE = [
     # django-prometheus counts pages and admin (django_http_*); /v1 has its own counters (gateway/metrics.py).

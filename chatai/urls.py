@@ -16,6 +16,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("v1/", include("gateway.urls")),
+    path("api/", include("api.urls")),
     path("metrics", metrics_view, name="metrics"),
 ]
 if settings.OIDC_ENABLED:

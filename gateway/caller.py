@@ -83,6 +83,17 @@ def _by_key(token: str, address: str) -> Caller:
     return _complete(key.user, key)
 
 
+def caller_by_key(token: str, address: str) -> Caller:
+    """The caller of an API key (``cai-...``), with the same checks and failure counting as /v1. Sync;
+    raises ApiError (401, or 429 for an address with too many failures). Used by /api's DRF views."""
+    return _by_key(token, address)
+
+
+def caller_by_user(user: Any) -> Caller:
+    """The caller for a signed-in user (a session already checked by Django). Sync."""
+    return _complete(user, None)
+
+
 def _by_session(request: HttpRequest, address: str) -> Optional[Caller]:
     close_old_connections()
     wait = limiter.auth_blocked_sync(address, settings.GATEWAY_AUTH_FAILURES_PER_MINUTE)

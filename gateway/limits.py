@@ -171,6 +171,10 @@ class LocalLeases:
             # Forget subjects whose leases all ran out (their streams died with a worker).
             self.data = {k: v for k, v in self.data.items() if any(t > now for t in v.values())}
 
+    def count(self, key: str, now: float) -> int:
+        with self.lock:
+            return sum(1 for t in self.data.get(key, {}).values() if t > now)
+
     def drop(self, key: str, lease: str) -> None:
         with self.lock:
             held = self.data.get(key)
@@ -217,6 +221,10 @@ return 1
             pipe.zadd(name, {lease: now + LEASE}, xx=True)
             pipe.expire(name, int(2 * LEASE))
         pipe.execute()
+
+    def count(self, key: str, now: float) -> int:
+        name = self.cache.make_and_validate_key(key)
+        return int(self._client(name).zcount(name, f"({now}", "+inf"))
 
     def drop(self, key: str, lease: str) -> None:
         name = self.cache.make_and_validate_key(key)
@@ -345,6 +353,26 @@ class Limiter:
             with self.held_lock:
                 self.held.add((key, lease))
         return Decision(True, headers)
+
+    def peek_sync(self, subject: str, limits: Limits) -> Dict[str, Dict[str, Any]]:
+        """What is used and left of each limit now, read without counting anything (for /api/me)."""
+        now = self.clock()
+        out: Dict[str, Dict[str, Any]] = {}
+        for what, window, limit in (("requests", "minute", limits.requests_per_minute),
+                                    ("requests", "hour", limits.requests_per_hour),
+                                    ("requests", "day", limits.requests_per_day),
+                                    ("tokens", "minute", limits.tokens_per_minute),
+                                    ("tokens", "day", limits.tokens_per_day)):
+            if limit is None:
+                continue
+            used = int(self.cache.get(self._key(subject, what[:3], window, now), 0) or 0)
+            out[f"{what}_per_{window}"] = {"limit": limit, "used": used, "remaining": max(0, limit - used),
+                                           "reset_seconds": int(WINDOWS[window] - now % WINDOWS[window])}
+        if limits.parallel_streams is not None:
+            used = self.leases.count(f"rl:{subject}:streams", now)
+            out["parallel_streams"] = {"limit": limits.parallel_streams, "used": used,
+                                       "remaining": max(0, limits.parallel_streams - used), "reset_seconds": None}
+        return out
 
     def _undo(self, keys: List[str]) -> None:
         for key in keys:

@@ -1,0 +1,80 @@
+"""Reads of the resource API: the caller's limits left, usage (counts only, never content), platforms."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Dict, List, Optional
+
+from asgiref.sync import async_to_sync
+from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import TruncDate
+
+from gateway import registry
+from gateway.caller import Caller
+from gateway.limits import NO_LIMITS, limiter
+from gateway.models import UsageRecord
+from hpcbridge.registry import get_bridge
+
+TOTALS = {"requests": Count("id"), "errors": Count("id", filter=Q(status__gte=400)),
+          "prompt_tokens": Sum("prompt_tokens"), "completion_tokens": Sum("completion_tokens")}
+
+
+def limits_of(caller: Caller) -> List[Dict[str, Any]]:
+    """Each set of counters the caller's requests count in (the user's; the key's own if it has a
+    policy), with its limits and what is left of them now. Nothing is counted by reading."""
+    out = []
+    for subject, limits in caller.buckets():
+        scope = "user" if subject == caller.subject else "key"
+        out.append({"scope": scope, "limits": {} if limits == NO_LIMITS else limiter.peek_sync(subject, limits)})
+    return out
+
+
+def models_of(caller: Caller) -> List[Dict[str, Any]]:
+    entries = async_to_sync(registry.visible_models)(caller)
+    return [{"id": e.id, "name": e.display_name or e.id, "status": e.status} for e in entries]
+
+
+def _dated(rows: QuerySet[UsageRecord], start: Optional[dt.date], end: Optional[dt.date]) -> QuerySet[UsageRecord]:
+    if start is not None:
+        rows = rows.filter(created_at__date__gte=start)
+    if end is not None:
+        rows = rows.filter(created_at__date__lte=end)
+    return rows
+
+
+def _totals(row: Dict[str, Any]) -> Dict[str, Any]:
+    return {**row, "prompt_tokens": row["prompt_tokens"] or 0, "completion_tokens": row["completion_tokens"] or 0}
+
+
+def usage_of(user: Any, start: Optional[dt.date], end: Optional[dt.date]) -> List[Dict[str, Any]]:
+    """The user's requests per model and day (UTC days): counts and tokens."""
+    rows = _dated(UsageRecord.objects.filter(user=user), start, end)
+    return [_totals(r) for r in rows.annotate(day=TruncDate("created_at")).values("day", "model")
+            .annotate(**TOTALS).order_by("day", "model")]
+
+
+def usage_all(start: Optional[dt.date], end: Optional[dt.date]) -> Dict[str, List[Dict[str, Any]]]:
+    """Everyone's requests per user and model, and per group and model (a user in two groups counts in both)."""
+    rows = _dated(UsageRecord.objects.all(), start, end)
+    per_user = rows.values("user__username", "model").annotate(**TOTALS).order_by("user__username", "model")
+    per_group = rows.values("user__groups__name", "model").annotate(**TOTALS).order_by("user__groups__name", "model")
+    return {"by_user": [{"user": r.pop("user__username"), **_totals(r)} for r in per_user],
+            "by_group": [{"group": r.pop("user__groups__name"), **_totals(r)} for r in per_group]}
+
+
+async def _platforms() -> List[Dict[str, Any]]:
+    bridge = get_bridge()
+    out = []
+    for name in bridge.platforms:
+        models = await registry.platform_models(name)
+        state = bridge.platforms[name].state()
+        out.append({**state, "models": [
+            {"id": m["id"], "status": str(m.get("status", "offline")), "instances": int(m.get("instances") or 0),
+             "demand": int(m.get("demand") or 0)} for m in models]})
+    return out
+
+
+def platforms_state() -> List[Dict[str, Any]]:
+    """Each platform's link (connections, streams, failures, last error) and its models' status,
+    instances and demand (requests running or waiting, which includes those queued in Slurm)."""
+    return async_to_sync(_platforms)()

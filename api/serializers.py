@@ -1,0 +1,53 @@
+"""Input and output shapes of /api (the OpenAPI schema in api/openapi.py describes the same)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from rest_framework import serializers
+
+from gateway.models import ApiKey
+
+NAME_ERROR = "Give the key a name of 1 to 100 characters."
+DAYS_ERROR = "Expiry: a number of days from 1 to 3650, or empty for none."
+MODEL_ERROR = "A model name is at most 200 characters."
+
+
+class KeyCreateInput(serializers.Serializer):
+    name = serializers.CharField(max_length=100, error_messages={
+        "required": NAME_ERROR, "blank": NAME_ERROR, "max_length": NAME_ERROR, "null": NAME_ERROR,
+        "invalid": NAME_ERROR})
+    expires_days = serializers.IntegerField(min_value=1, max_value=3650, required=False, allow_null=True,
+                                            error_messages={k: DAYS_ERROR for k in (
+                                                "invalid", "min_value", "max_value", "max_string_length")})
+    models = serializers.ListField(
+        child=serializers.CharField(max_length=200, error_messages={"max_length": MODEL_ERROR}),
+        required=False, default=list, max_length=100)
+
+
+class KeyOutput(serializers.ModelSerializer):
+    state = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ApiKey
+        fields = ["prefix", "name", "created_at", "expires_at", "revoked_at", "last_used_at", "allowed_models",
+                  "state"]
+
+    def get_state(self, key: ApiKey) -> str:
+        return "revoked" if key.revoked_at else "active" if key.is_active() else "expired"
+
+
+class DateRangeInput(serializers.Serializer):
+    """``?from=YYYY-MM-DD&to=YYYY-MM-DD``, both optional, both inclusive (UTC days)."""
+
+    to = serializers.DateField(required=False, input_formats=["%Y-%m-%d"])
+
+    def get_fields(self) -> Dict[str, serializers.Field]:
+        fields = super().get_fields()
+        fields["from"] = serializers.DateField(required=False, input_formats=["%Y-%m-%d"])  # a keyword in Python
+        return fields
+
+    def validate(self, attrs: Dict[str, Any]) -> Dict[str, Any]:
+        if attrs.get("from") and attrs.get("to") and attrs["from"] > attrs["to"]:
+            raise serializers.ValidationError({"from": "'from' is after 'to'."})
+        return attrs

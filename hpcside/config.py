@@ -12,9 +12,9 @@ import datetime as dt
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar
 
 SERVICE_PREFIX = "service:"
 # Every pattern below is applied with ``fullmatch``: ``$`` alone also matches before a trailing
@@ -281,6 +281,7 @@ class Config:
 
 
 T = TypeVar("T")
+_NOT_REQUIRED = object()
 
 
 class _Reader:
@@ -401,6 +402,102 @@ def _timezone(text: str) -> str:
     return value
 
 
+# How each field of the file is read. The defaults are the dataclasses' own (written once, there);
+# a required field is listed with the stand-in kept while its problem is reported.
+_Parse = Callable[[str], Any]
+
+
+class _Field(NamedTuple):
+    parse: _Parse
+    required_stand_in: Any = _NOT_REQUIRED
+
+
+SETTINGS_FIELDS: Dict[str, _Field] = {
+    "state_dir": _Field(_path, required_stand_in="."),
+    "launcher": _Field(_pattern(re.compile(r"^(slurm|local)$"), "launcher (slurm or local)")),
+    "job_prefix": _Field(_pattern(re.compile(r"^[a-z][a-z0-9-]{0,15}$"), "job prefix")),
+    "min_interval": _Field(parse_duration),
+    "probe_timeout": _Field(parse_duration),
+    "command_timeout": _Field(parse_duration),
+    "backoff_base": _Field(parse_duration),
+    "backoff_max": _Field(parse_duration),
+    "bind_host": _Field(_pattern(re.compile(r"^[0-9a-fA-F.:]+$"), "IP address")),
+    "endpoint_host": _Field(_pattern(re.compile(r"^[A-Za-z0-9.:-]*$"), "host name")),
+    "python": _Field(_path),
+    "vllm": _Field(_path),
+    "partition": _Field(_pattern(SLURM_WORD_RE, "partition")),
+    "account": _Field(_pattern(SLURM_WORD_RE, "account")),
+    "qos": _Field(_pattern(SLURM_WORD_RE, "qos")),
+    "sbatch_args": _Field(_sbatch_args),
+    "timezone": _Field(_timezone),
+    "hold_timeout": _Field(parse_duration),
+    "session_body_budget": _Field(_size_at_least(1024 * 1024)),
+    "body_timeout": _Field(_duration_at_least(1.0)),
+    "held_body_budget": _Field(_size_at_least(0)),
+}
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    return lambda text: _parse_int(text, minimum)
+
+
+def _service_fields(base: Path) -> Dict[str, _Field]:
+    """``name`` comes from the section; ``model`` defaults to it (see load)."""
+    return {
+        "model": _Field(_pattern(MODEL_ID_RE, "model id")),
+        "template": _Field(_template(base), required_stand_in="vllm-gpu"),
+        "model_path": _Field(_path, required_stand_in=""),
+        "gpus": _Field(_parse_int),
+        "tensor_parallel_size": _Field(_at_least(1)),
+        "max_model_len": _Field(_at_least(16)),
+        "vllm_args": _Field(_vllm_args),
+        "cpus": _Field(_at_least(1)),
+        "memory": _Field(_memory),
+        "partition": _Field(_pattern(SLURM_WORD_RE, "partition")),
+        "sbatch_args": _Field(_sbatch_args),
+        "env": _Field(_env),
+        "min_instances": _Field(_parse_int),
+        "max_instances": _Field(_at_least(1)),
+        "scale_up_inflight": _Field(_at_least(1)),
+        "scale_down_delay": _Field(parse_duration),
+        "idle_timeout": _Field(parse_duration),
+        "walltime": _Field(parse_duration),
+        "renewal_margin": _Field(parse_duration),
+        "readiness_timeout": _Field(parse_duration),
+        "unhealthy_grace": _Field(parse_duration),
+        "drain_timeout": _Field(parse_duration),
+        "capacity": _Field(lambda text: tuple(parse_capacity(text))),
+    }
+
+
+def field_default(f: Field[Any]) -> Any:
+    """A dataclass field's default (MISSING for a field without one)."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def _read_fields(r: _Reader, cls: Any, how: Dict[str, _Field], given: Optional[Dict[str, Any]] = None,
+                 defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Every field of ``cls`` in declaration order (so problems come in the documented order):
+    ``given`` ones as they are, the rest read from the section or left at their default (the
+    dataclass's, or one from ``defaults`` that depends on the section)."""
+    given, defaults = given or {}, defaults or {}
+    values: Dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in given:
+            values[f.name] = given[f.name]
+            continue
+        spec = how[f.name]
+        if spec.required_stand_in is not _NOT_REQUIRED:
+            values[f.name] = r.required(f.name, spec.parse, spec.required_stand_in)
+        else:
+            values[f.name] = r.get(f.name, spec.parse, defaults.get(f.name, field_default(f)))
+    return values
+
+
 def load(path: Path) -> Config:
     """Parse and validate; raise ConfigError naming file, service and field of every mistake."""
     path = Path(path)
@@ -418,33 +515,10 @@ def load(path: Path) -> Config:
     if "hpcside" not in parser:
         raise ConfigError([f"{path}: [hpcside] section is missing (it names state_dir and launcher)"])
     r = _Reader(path, parser["hpcside"], "hpcside")
-    state_dir = Path(os.path.expanduser(r.required("state_dir", _path, ".")))
-    if not state_dir.is_absolute():
-        state_dir = path.parent / state_dir
-    launcher = r.get("launcher", _pattern(re.compile(r"^(slurm|local)$"), "launcher (slurm or local)"), "slurm")
-    settings = Settings(
-        state_dir=state_dir,
-        launcher=launcher,
-        job_prefix=r.get("job_prefix", _pattern(re.compile(r"^[a-z][a-z0-9-]{0,15}$"), "job prefix"), "chatai"),
-        min_interval=r.get("min_interval", parse_duration, 5.0),
-        probe_timeout=r.get("probe_timeout", parse_duration, 2.0),
-        command_timeout=r.get("command_timeout", parse_duration, 20.0),
-        backoff_base=r.get("backoff_base", parse_duration, 30.0),
-        backoff_max=r.get("backoff_max", parse_duration, 1800.0),
-        bind_host=r.get("bind_host", _pattern(re.compile(r"^[0-9a-fA-F.:]+$"), "IP address"), "0.0.0.0"),
-        endpoint_host=r.get("endpoint_host", _pattern(re.compile(r"^[A-Za-z0-9.:-]*$"), "host name"), ""),
-        python=r.get("python", _path, "python3"),
-        vllm=r.get("vllm", _path, "vllm"),
-        partition=r.get("partition", _pattern(SLURM_WORD_RE, "partition"), ""),
-        account=r.get("account", _pattern(SLURM_WORD_RE, "account"), ""),
-        qos=r.get("qos", _pattern(SLURM_WORD_RE, "qos"), ""),
-        sbatch_args=r.get("sbatch_args", _sbatch_args, ()),
-        timezone=r.get("timezone", _timezone, ""),
-        hold_timeout=r.get("hold_timeout", parse_duration, 600.0),
-        session_body_budget=r.get("session_body_budget", _size_at_least(1024 * 1024), 64 * 1024 * 1024),
-        body_timeout=r.get("body_timeout", _duration_at_least(1.0), 30.0),
-        held_body_budget=r.get("held_body_budget", _size_at_least(0), 32 * 1024 * 1024),
-    )
+    values = _read_fields(r, Settings, SETTINGS_FIELDS)
+    state_dir = Path(os.path.expanduser(values["state_dir"]))
+    values["state_dir"] = state_dir if state_dir.is_absolute() else path.parent / state_dir
+    settings = Settings(**values)
     r.unknown(parser["__defaults__"])
     problems += r.problems
 
@@ -462,33 +536,9 @@ def load(path: Path) -> Config:
             problems.append(f"{path}: [{label}]: service name must be letters, digits, '.', '_' or '-'")
             continue
         s = _Reader(path, parser[section], label)
-        model = s.get("model", _pattern(MODEL_ID_RE, "model id"), name)
-        svc = ServiceConfig(
-            name=name,
-            model=model,
-            template=s.required("template", _template(path.parent), "vllm-gpu"),
-            model_path=s.required("model_path", _path, ""),
-            gpus=s.get("gpus", _parse_int, 0),
-            tensor_parallel_size=s.get("tensor_parallel_size", lambda t: _parse_int(t, 1), 1),
-            max_model_len=s.get("max_model_len", lambda t: _parse_int(t, 16), 4096),
-            vllm_args=s.get("vllm_args", _vllm_args, ()),
-            cpus=s.get("cpus", lambda t: _parse_int(t, 1), 1),
-            memory=s.get("memory", _memory, ""),
-            partition=s.get("partition", _pattern(SLURM_WORD_RE, "partition"), ""),
-            sbatch_args=s.get("sbatch_args", _sbatch_args, ()),
-            env=s.get("env", _env, ()),
-            min_instances=s.get("min_instances", _parse_int, 0),
-            max_instances=s.get("max_instances", lambda t: _parse_int(t, 1), 1),
-            scale_up_inflight=s.get("scale_up_inflight", lambda t: _parse_int(t, 1), 8),
-            scale_down_delay=s.get("scale_down_delay", parse_duration, 300.0),
-            idle_timeout=s.get("idle_timeout", parse_duration, 3600.0),
-            walltime=s.get("walltime", parse_duration, 86400.0),
-            renewal_margin=s.get("renewal_margin", parse_duration, 1800.0),
-            readiness_timeout=s.get("readiness_timeout", parse_duration, 900.0),
-            unhealthy_grace=s.get("unhealthy_grace", parse_duration, 30.0),
-            drain_timeout=s.get("drain_timeout", parse_duration, 0.0),
-            capacity=tuple(s.get("capacity", parse_capacity, [])),
-        )
+        svc = ServiceConfig(**_read_fields(s, ServiceConfig, _service_fields(path.parent), given={"name": name},
+                                           defaults={"model": name}))
+        model = svc.model
         if svc.min_instances > svc.max_instances:
             s.problem("min_instances", f"{svc.min_instances} is above max_instances ({svc.max_instances})")
         if svc.tensor_parallel_size > max(svc.gpus, 1) and svc.gpus:

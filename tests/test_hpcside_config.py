@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from hpcside.config import ConfigError, load, parse_capacity, parse_duration, slurm_time
+from hpcside.config import (
+    SETTINGS_FIELDS,
+    ConfigError,
+    ServiceConfig,
+    Settings,
+    _service_fields,
+    field_default,
+    load,
+    parse_capacity,
+    parse_duration,
+    slurm_time,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "hpcside" / "examples" / "services.ini"
 
@@ -170,3 +184,55 @@ def test_capacity_windows_apply_on_their_days_and_hours() -> None:
 def test_bad_capacity_windows_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_capacity(bad)
+
+
+# -- defaults written once: in the dataclasses; load() and docs/hpcside.md follow them ------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "hpcside.md"
+EMPTY = ("empty", "-", "none", "login node's")  # what the docs write for an empty default
+
+
+def docs_defaults(heading: str) -> dict[str, str]:
+    """field -> the default as docs/hpcside.md writes it, from the table after ``heading``."""
+    text = DOCS.read_text()
+    rows = text[text.index(heading):].split("\n\n", 2)[1].splitlines()[2:]
+    out: dict[str, str] = {}
+    for row in rows:
+        names_cell, default_cell = row.split("|")[1:3]
+        names = re.findall(r"`([a-z_]+)`", names_cell)
+        values = [v.strip().strip("`") for v in default_cell.split(",")]
+        values = values if len(values) == len(names) else values * len(names)
+        out.update(zip(names, values))
+    return out
+
+
+@pytest.mark.parametrize("cls, heading, how", [
+    (Settings, "`[hpcside]` (global):", SETTINGS_FIELDS),
+    (ServiceConfig, "`[service:NAME]` (NAME:", _service_fields(Path("/"))),
+])
+def test_the_documented_defaults_are_the_dataclass_defaults(cls: Any, heading: str, how: dict) -> None:
+    documented = docs_defaults(heading)
+    fields_ = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
+    assert set(documented) == set(fields_), "docs/hpcside.md documents other fields than the dataclass has"
+    for name, f in fields_.items():
+        text, default = documented[name], field_default(f)
+        if default is dataclasses.MISSING or name in ("state_dir", "model"):
+            assert text in ("required", "NAME"), (name, text)
+        elif text in EMPTY:
+            assert not default, (name, default)
+        else:
+            assert how[name].parse(text.split()[0].strip("`")) == default, (name, text, default)
+
+
+def test_every_field_is_read_from_the_file_and_defaults_come_from_the_dataclass(tmp_path: Path) -> None:
+    assert set(SETTINGS_FIELDS) == {f.name for f in dataclasses.fields(Settings)}
+    assert set(_service_fields(tmp_path)) == {f.name for f in dataclasses.fields(ServiceConfig)} - {"name"}
+    config = load(write(tmp_path, "[hpcside]\nstate_dir = s\n\n[service:x]\ntemplate = vllm-cpu\nmodel_path = /m\n"))
+    for f in dataclasses.fields(Settings):
+        if f.name != "state_dir":
+            assert getattr(config.settings, f.name) == field_default(f), f.name
+    svc = config.services["x"]
+    assert svc.model == "x"
+    for f in dataclasses.fields(ServiceConfig):
+        if f.name not in ("name", "model", "template", "model_path"):
+            assert getattr(svc, f.name) == field_default(f), f.name

@@ -57,6 +57,7 @@ class Stage(str, Enum):
     BACKOFF = "backoff"
     REQUESTED = "requested"
     READY = "ready"  # sent once, when the request goes to an instance
+    CONTINUING = "continuing"  # the instance failed mid-stream; the reply goes on from another
 
     def __str__(self) -> str:
         return self.value

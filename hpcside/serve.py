@@ -464,7 +464,7 @@ class Session:
         if following is None:
             self.end_cut(sid, reply, f"the model instance failed during the reply: {t.why_not}")
             return None
-        self.send_json(p.PROGRESS, sid, {"stage": "continuing", "message": "the model instance failed; "
+        self.send_json(p.PROGRESS, sid, {"stage": Stage.CONTINUING.value, "message": "the model instance failed; "
                                          "continuing the reply on another instance", "elapsed": 0})
         return following
 

@@ -7,6 +7,7 @@ Slurm; the thin subprocess calls around them are tested against a real Slurm.
 
 from __future__ import annotations
 
+import datetime
 import os
 import pwd
 import re
@@ -57,6 +58,10 @@ class Launcher:
     def cancel(self, job_ids: Sequence[str]) -> None:
         raise NotImplementedError
 
+    def start_estimate(self, script: Path, now: float) -> Optional[float]:
+        """Seconds until a job of ``script`` could start, None if unknown. Local jobs start at once."""
+        return 0.0
+
 
 # -- Slurm ------------------------------------------------------------------------------
 
@@ -71,6 +76,16 @@ def parse_sbatch(stdout: str) -> str:
     if not re.fullmatch(r"\d+", job_id):
         raise SubmissionError(f"sbatch printed no job id: {stdout.strip()[:200]!r}")
     return job_id
+
+
+def parse_test_only(text: str, now: float) -> Optional[float]:
+    """``sbatch --test-only``: "sbatch: Job 12 to start at 2026-12-02T07:50:00 using 1 processors on
+    nodes n1 in partition debug" -> seconds from ``now`` (local time, as Slurm prints it)."""
+    m = re.search(r"to start at (\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})", text)
+    if not m:
+        return None
+    when = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").timestamp()
+    return max(0.0, round(when - now, 1))
 
 
 def parse_time_left(text: str) -> Optional[float]:
@@ -129,6 +144,11 @@ class SlurmLauncher(Launcher):
         if proc.returncode != 0:
             raise LauncherError(f"squeue failed: {_first_line(proc.stderr)}")
         return parse_squeue(proc.stdout, prefix)
+
+    def start_estimate(self, script: Path, now: float) -> Optional[float]:
+        """Seconds until a job of this script could start, from ``sbatch --test-only`` (submits nothing)."""
+        proc = self._run(["sbatch", "--test-only", str(script)])
+        return parse_test_only(proc.stdout + proc.stderr, now)
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         if not job_ids:

@@ -26,6 +26,7 @@ from .decide import Observation, Plan, Probe, decide, job_name, record_failure, 
 from .launchers import Launcher, LauncherError, make_launcher
 from .state import (
     SchedulerState,
+    ServiceState,
     ensure_dirs,
     load_scheduler_state,
     read_endpoint,
@@ -37,6 +38,8 @@ from .state import (
 from .templates import JobFiles, TemplateError, install_guard, render
 
 log = logging.getLogger("hpcside.scheduler")
+# How often a service without instances asks Slurm when one could start (sbatch --test-only).
+ESTIMATE_EVERY = 60.0
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Scheduler:
                       prefix=self.settings.job_prefix, backoff_base=self.settings.backoff_base,
                       backoff_max=self.settings.backoff_max)
         outcome = self.act(plan, now)
+        self.estimate_cold_starts(plan.state, now)
         write_json(self.dir / "scheduler.json", plan.state.to_json())
         self.write_routing(plan.state, now)
         outcome.seconds = time.monotonic() - started
@@ -189,6 +193,25 @@ class Scheduler:
         for line in outcome.events:
             log.info("%s", line)
         return outcome
+
+    def estimate_cold_starts(self, state: SchedulerState, now: float) -> None:
+        """For each service without an instance, ask (at most once a minute) when Slurm could start
+        one; the gateway starts a cold model on the platform that can start it soonest."""
+        busy = {i.service for i in state.instances.values()}
+        for name, svc in self.config.services.items():
+            ss = state.services.setdefault(name, ServiceState())
+            if name in busy:
+                ss.start_estimate = None
+                continue
+            if now - ss.estimated_at < ESTIMATE_EVERY:
+                continue
+            ss.estimated_at = now
+            files = JobFiles(self.dir, "e" * 12)  # never a real instance (iids are hex)
+            try:
+                write_atomic(files.script, render(svc, self.settings, files), mode=0o700)
+                ss.start_estimate = self.launcher.start_estimate(files.script, now)
+            except (LauncherError, TemplateError, OSError):
+                ss.start_estimate = None
 
     def submit_one(self, service: str, iid: str) -> str:
         svc = self.config.services[service]

@@ -28,7 +28,7 @@ from . import protocol as p
 from .config import Config, ServiceConfig
 from .lifecycle import Stage, service_status
 from .resume import Transcript
-from .state import Load, ModelLoad, inflight_path, load_scheduler_state, publish_inflight, read_json
+from .state import Load, ModelLoad, ServiceState, inflight_path, load_scheduler_state, publish_inflight, read_json
 from .upstream import ConnectFailed, Pool, Response, UpstreamFailed
 
 log = logging.getLogger("hpcside.serve")
@@ -501,7 +501,8 @@ class Session:
             out.append({"id": svc.model, "object": "model", "owned_by": "hpcside", "status": status,
                         "instances": len(table.get(svc.model, [])),
                         "demand": (ss.inflight + ss.waiting) if ss else 0,
-                        "max_model_len": svc.max_model_len})
+                        "max_model_len": svc.max_model_len,
+                        "start_estimate": start_estimate(ss, now) if status == "offline" else None})
         return out
 
     async def hold(self, sid: int, svc: ServiceConfig, started: float) -> Instance:
@@ -602,6 +603,13 @@ class Session:
         kind = CONTINUABLE.get(path)
         if kind and response.status == 200 and out_headers.get("content-type", "").startswith("text/event-stream"):
             reply.transcript = Transcript(kind)
+
+
+def start_estimate(ss: Optional[ServiceState], now: float) -> Optional[float]:
+    """Seconds until Slurm could start an instance of a cold service, as last asked."""
+    if ss is None or ss.start_estimate is None:
+        return None
+    return max(0.0, round(ss.start_estimate - (now - ss.estimated_at), 1))
 
 
 async def serve(config: Config) -> int:

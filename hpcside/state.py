@@ -119,6 +119,10 @@ class ServiceState:
     bounds: List[int] = field(default_factory=lambda: [0, 0])
     inflight: int = 0
     waiting: int = 0
+    # While the service has no instance: seconds until Slurm could start one (sbatch --test-only),
+    # and when that was asked; the gateway starts a cold model where it starts soonest.
+    start_estimate: Optional[float] = None
+    estimated_at: float = 0.0
 
 
 @dataclass

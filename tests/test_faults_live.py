@@ -205,3 +205,31 @@ def test_a_lost_node_loses_no_stream(stack: Stack) -> None:
     assert_nothing_lost(done, later)
     stack.h.until(lambda: len(stack.ready()) >= 2 and all(i["node"] != victim["node"] for i in stack.ready()),
                   timeout=120, what="two ready instances on live nodes")
+
+
+def test_walltime_renewal_under_load_drops_no_stream(account: Account, deployment: Path) -> None:
+    # A 2-minute walltime with a 100 s margin: each instance is renewed 20 s after it starts; the
+    # successor takes new requests and the old one drains its streams before it is cancelled.
+    with build_stack(account, deployment, walltime="2m", renewal_margin="100s") as stack:
+        first = {i["id"] for i in stack.ready()}
+
+        async def load_through_renewal() -> Tuple[List[Tuple[str, Optional[str]]], List[Optional[str]]]:
+            client = stack.client()
+            results: List[Tuple[str, Optional[str]]] = []
+            deadline = asyncio.get_running_loop().time() + 40
+
+            async def worker() -> None:
+                while asyncio.get_running_loop().time() < deadline:
+                    results.append(await one_stream(client))
+
+            await asyncio.wait_for(asyncio.gather(*[worker() for _ in range(8)]), 120)
+            later = await asyncio.gather(*[one_request(client) for _ in range(8)])
+            await client.close()
+            return results, list(later)
+
+        done, later = asyncio.run(load_through_renewal())
+        assert_nothing_lost(done, later)
+        renewed = {i["id"] for i in stack.wait_ready(2)} - first
+        assert renewed, "no instance was renewed during the run"
+        log = (stack.h.state / "hpcside.log").read_text()
+        assert "drained and idle" in log and "walltime ends" not in log

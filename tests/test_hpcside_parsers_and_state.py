@@ -108,3 +108,15 @@ def test_hostile_inflight_values_count_as_zero(tmp_path: Path) -> None:
     (tmp_path / "inflight" / "h.json").write_text(json.dumps(bad))
     load = read_inflight(tmp_path, now)
     assert load.models["m"].inflight == 0 and load.models["m"].waiting == 0 and load.instances == {"i": 0}
+
+
+def test_sbatch_test_only_gives_the_seconds_until_the_start() -> None:
+    import datetime
+
+    from hpcside.launchers import parse_test_only
+
+    now = datetime.datetime(2026, 12, 2, 7, 0, 0).timestamp()
+    text = "sbatch: Job 12 to start at 2026-12-02T07:10:00 using 1 processors on nodes n1 in partition debug\n"
+    assert parse_test_only(text, now) == 600.0
+    assert parse_test_only(text.replace("07:10:00", "06:59:00"), now) == 0.0  # can start now
+    assert parse_test_only("sbatch: error: Batch job submission failed: Invalid account", now) is None

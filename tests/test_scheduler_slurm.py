@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -16,7 +17,7 @@ import pytest
 from tests.conftest import Hpcside
 from tests.harness.slurm import SlurmCluster
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.root]
 
 MakeHpcside = Callable[[Optional[SlurmCluster]], Hpcside]
 
@@ -276,3 +277,27 @@ def test_the_harness_leaves_no_daemon_or_job_behind_even_after_faults(account: A
     cluster.stop()
     assert cluster.leftover_processes() == []
     assert subprocess.run(["pgrep", "-u", account.name], capture_output=True).stdout == b""
+
+
+def test_a_cold_service_knows_when_slurm_could_start_it(slurm1: SlurmCluster, hpcside_on: MakeHpcside) -> None:
+    h = hpcside_on(slurm1)
+    h.write_config(h.stub_service(min_instances=0))
+    h.schedule()
+    state = json.loads((h.state / "scheduler.json").read_text())
+    assert state["services"]["stub"]["start_estimate"] == 0.0  # an idle cluster starts it now
+    assert not slurm1.jobs(), "--test-only submitted a job"
+    # Every CPU taken by a 10-minute job: the next start is when it ends.
+    blocker = subprocess.run(["runuser", "-u", h.account.name, "--", "sbatch", "--parsable", "--exclusive",
+                              "--time=10", "--output=/dev/null", "--wrap", "sleep 600"],
+                             env=slurm1.env, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        deadline = time.monotonic() + 20
+        while not any(j["state"] == "RUNNING" for j in slurm1.jobs()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        state["services"]["stub"]["estimated_at"] = 0  # due again
+        (h.state / "scheduler.json").write_text(json.dumps(state))
+        h.schedule()
+        estimate = json.loads((h.state / "scheduler.json").read_text())["services"]["stub"]["start_estimate"]
+        assert estimate is not None and 500 < estimate <= 600
+    finally:
+        subprocess.run(["scancel", blocker], env=slurm1.env, check=False)

@@ -197,6 +197,8 @@ class Scheduler:
     def estimate_cold_starts(self, state: SchedulerState, now: float) -> None:
         """For each service without an instance, ask (at most once a minute) when Slurm could start
         one; the gateway starts a cold model on the platform that can start it soonest."""
+        if not state.slurm_ok:
+            return  # sbatch would only wait for its timeout
         busy = {i.service for i in state.instances.values()}
         for name, svc in self.config.services.items():
             ss = state.services.setdefault(name, ServiceState())

@@ -3,9 +3,22 @@
 # packages for Slurm and munge, a Python venv with pinned packages) and runs the whole
 # suite against real components it starts itself. Needs root (creates the functional
 # account, runs slurmctld/slurmd). Extra arguments go to pytest.
+#
+# scripts/test.sh --fast: the fast tier, for a developer without root. Only the venv is set up;
+# runs every test that needs none of Slurm, sshd, a browser, vLLM, PostgreSQL, Redis, a live
+# daphne, nginx or root (the markers in pyproject.toml). CI runs the full command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
+
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  step "python environment"
+  venv_ready requirements-dev.txt
+  step "fast tests (no root, Slurm, sshd, browser, vLLM, PostgreSQL, Redis, daphne or nginx)"
+  exec .venv/bin/python -m pytest -q \
+    -m "not (slurm or sshd or browser or vllm or postgres or redis or live or root or nginx)" "$@"
+fi
 
 step "system packages"
 apt_need slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-client munged:munge \

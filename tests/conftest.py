@@ -23,6 +23,24 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # what the functional account has on a login
 _prefixes = itertools.count(1)
 
 
+# Markers from what a test uses, so a new test that starts Slurm or daphne cannot slip into the
+# fast tier (`scripts/test.sh --fast`, `-m "not (slurm or ...)"`) by a forgotten marker.
+MARKS_BY_FIXTURE = {"account": ("root",), "deployment": ("root",), "hpcside_on": ("root",),
+                    "slurm1": ("slurm", "root"), "slurm3": ("slurm", "root")}
+MARKS_BY_MODULE_NAME = {"LiveApp": ("live",), "SlurmCluster": ("slurm", "root"), "SSHServer": ("sshd", "root"),
+                        "OIDCProvider": ("browser",), "Nginx": ("nginx", "live")}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        names = set(MARKS_BY_MODULE_NAME).intersection(vars(module)) if module is not None else set()
+        wanted = {m for n in names for m in MARKS_BY_MODULE_NAME[n]}
+        wanted |= {m for f in getattr(item, "fixturenames", ()) for m in MARKS_BY_FIXTURE.get(f, ())}
+        for mark in sorted(wanted - {m.name for m in item.iter_markers()}):
+            item.add_marker(getattr(pytest.mark, mark))
+
+
 @pytest.fixture(scope="session")
 def account() -> Account:
     return ensure_functional_account()

@@ -71,6 +71,21 @@ class LiveApp:
         return env
 
     def start(self) -> LiveApp:
+        """Start the deployment; whatever a failed start left running is stopped before it raises."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __enter__(self) -> LiveApp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _start(self) -> None:
         (self.dir / "services.ini").write_text(f"""
 [hpcside]
 state_dir = {self.dir}/hpcside
@@ -98,7 +113,6 @@ hold_timeout = 30s
             self.ports.append(port)
         for url in self.urls():
             wait_http(f"{url}/healthz", 30, "daphne", lambda: self.logs()[-3000:])
-        return self
 
     def manage(self, *args: str, input: Optional[str] = None) -> str:
         proc = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,

@@ -25,6 +25,8 @@ from tests.harness.oidc import ARTIFACTS, OIDCProvider
 from tests.harness.slurm import free_port
 from tests.live import SUPPORT, LiveApp, stub_service
 
+pytestmark = [pytest.mark.browser, pytest.mark.redis, pytest.mark.live]
+
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
 CANARY = f"CANARY{uuid.uuid4().hex[:16]}"

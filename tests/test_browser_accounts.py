@@ -21,6 +21,8 @@ from tests.harness.oidc import OIDCProvider
 from tests.harness.slurm import free_port
 from tests.live import LiveApp, stub_service
 
+pytestmark = [pytest.mark.browser, pytest.mark.redis, pytest.mark.live, pytest.mark.root]
+
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
 CANARY = f"CANARY{uuid.uuid4().hex[:16]}"

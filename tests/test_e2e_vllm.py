@@ -25,7 +25,7 @@ from tests.harness.slurm import SlurmCluster
 from tests.harness.sshd import SSHServer
 from tests.live import LiveApp
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.sshd, pytest.mark.vllm, pytest.mark.root, pytest.mark.live]
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"

@@ -25,7 +25,8 @@ from tests.harness.slurm import SlurmCluster
 from tests.harness.sshd import SSHServer
 from tests.live import LiveApp
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.sshd, pytest.mark.postgres, pytest.mark.redis, pytest.mark.root,
+              pytest.mark.live]
 
 SENTENCE = "The capital of France is Paris."
 ASK = [{"role": "user", "content": "What is the capital of France?"}]

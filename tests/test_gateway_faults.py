@@ -56,18 +56,20 @@ def app(provider: Provider, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     secret = tmp_path_factory.mktemp("secrets") / "provider-key"
     secret.write_text(PROVIDER_KEY + "\n")
     live = LiveApp(extra_env={"EXT_PROVIDER_KEY_FILE": str(secret)}).start()
-    live.create_user("alice")
-    live.shell("from gateway.models import ModelOverlay\n"
-               f"ModelOverlay.objects.create(model_id='ext-model', external_base_url='{provider.url}/v1', "
-               "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY', display_name='External')\n"
-               f"ModelOverlay.objects.create(model_id='provider-model', external_base_url='{provider.url}/v1/', "
-               "external_key_env='EXT_PROVIDER_KEY')\n"
-               f"ModelOverlay.objects.create(model_id='ext-nokey', external_base_url='{provider.url}/v1', "
-               "external_key_env='NOT_SET_ANYWHERE')\n"
-               f"ModelOverlay.objects.create(model_id='ext-limited', external_base_url='{provider.url}/v1', "
-               "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY', requests_per_minute=1)\n")
-    yield live
-    live.stop()
+    try:
+        live.create_user("alice")
+        live.shell("from gateway.models import ModelOverlay\n"
+                   f"ModelOverlay.objects.create(model_id='ext-model', external_base_url='{provider.url}/v1', "
+                   "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY', display_name='External')\n"
+                   f"ModelOverlay.objects.create(model_id='provider-model', external_base_url='{provider.url}/v1/', "
+                   "external_key_env='EXT_PROVIDER_KEY')\n"
+                   f"ModelOverlay.objects.create(model_id='ext-nokey', external_base_url='{provider.url}/v1', "
+                   "external_key_env='NOT_SET_ANYWHERE')\n"
+                   f"ModelOverlay.objects.create(model_id='ext-limited', external_base_url='{provider.url}/v1', "
+                   "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY', requests_per_minute=1)\n")
+        yield live
+    finally:
+        live.stop()
 
 
 def post(app: LiveApp, key: str, payload: dict):  # type: ignore[no-untyped-def]

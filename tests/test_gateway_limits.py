@@ -11,7 +11,7 @@ from django.core.cache.backends.redis import RedisCache
 
 from gateway.limits import LEASE, RENEW_EVERY, Limiter, Limits
 
-pytestmark = pytest.mark.parametrize("backend", ["local", "redis"])
+pytestmark = pytest.mark.parametrize("backend", ["local", pytest.param("redis", marks=pytest.mark.redis)])
 
 
 class Clock:

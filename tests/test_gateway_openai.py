@@ -17,12 +17,14 @@ from tests.live import LiveApp
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def app(request: pytest.FixtureRequest) -> Iterator[LiveApp]:
     live = LiveApp(db=request.param).start()
-    live.create_user("alice")
-    yield live
-    live.stop()
+    try:
+        live.create_user("alice")
+        yield live
+    finally:
+        live.stop()
 
 
 def raw(app: LiveApp, method: str, path: str, body: Optional[bytes] = None,

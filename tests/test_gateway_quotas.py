@@ -35,19 +35,21 @@ def app(provider: Provider, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     services = (stub_service("stub", "stub-model", idle_timeout="10m") + stub_service("cold-a", "cold-a")
                 + stub_service("cold-b", "cold-b") + stub_service("secret", "secret-model"))
     live = LiveApp(services=services, extra_env={"EXT_PROVIDER_KEY_FILE": str(secret)}).start()
-    for name in ("alice", "bob", "erin", "frank", "sam"):
-        live.create_user(name)
-    live.shell("from django.contrib.auth.models import Group, User\n"
-               "from gateway.models import ModelOverlay\n"
-               "User.objects.filter(username='sam').update(is_staff=True)\n"
-               f"ModelOverlay.objects.create(model_id='ext-model', external_base_url='{provider.url}/v1', "
-               "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY')\n"
-               f"ModelOverlay.objects.create(model_id='ext-metered', external_base_url='{provider.url}/v1', "
-               "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY', tokens_per_day=10)\n"
-               "o = ModelOverlay.objects.create(model_id='secret-model')\n"
-               "o.groups.add(Group.objects.create(name='insiders'))\n")
-    yield live
-    live.stop()
+    try:
+        for name in ("alice", "bob", "erin", "frank", "sam"):
+            live.create_user(name)
+        live.shell("from django.contrib.auth.models import Group, User\n"
+                   "from gateway.models import ModelOverlay\n"
+                   "User.objects.filter(username='sam').update(is_staff=True)\n"
+                   f"ModelOverlay.objects.create(model_id='ext-model', external_base_url='{provider.url}/v1', "
+                   "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY')\n"
+                   f"ModelOverlay.objects.create(model_id='ext-metered', external_base_url='{provider.url}/v1', "
+                   "external_model='provider-model', external_key_env='EXT_PROVIDER_KEY', tokens_per_day=10)\n"
+                   "o = ModelOverlay.objects.create(model_id='secret-model')\n"
+                   "o.groups.add(Group.objects.create(name='insiders'))\n")
+        yield live
+    finally:
+        live.stop()
 
 
 def openai_client(app: LiveApp, key: str) -> openai.OpenAI:

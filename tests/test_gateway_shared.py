@@ -14,6 +14,8 @@ import redis
 
 from tests.live import LiveApp
 
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.live]
+
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
@@ -33,9 +35,11 @@ def post(url: str, key: str, body: dict) -> int:
 def app() -> Iterator[LiveApp]:
     redis.Redis.from_url(REDIS_URL).flushdb()
     live = LiveApp(db="postgresql", redis_url=REDIS_URL, workers=2).start()
-    live.create_user("bob")
-    yield live
-    live.stop()
+    try:
+        live.create_user("bob")
+        yield live
+    finally:
+        live.stop()
     redis.Redis.from_url(REDIS_URL).flushdb()
 
 

@@ -20,9 +20,11 @@ ASK = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture
 def app() -> Iterator[LiveApp]:
     live = LiveApp(extra_env={"GRACEFUL_STOP_TIMEOUT": "60"}).start()
-    live.create_user("alice")
-    yield live
-    live.stop()
+    try:
+        live.create_user("alice")
+        yield live
+    finally:
+        live.stop()
 
 
 async def one_stream(client: Any) -> Tuple[str, Optional[str]]:

@@ -68,12 +68,14 @@ def test_a_job_whose_main_process_died_leaves_no_process_behind(jobs: Jobs) -> N
 
 def test_jobs_end_when_the_web_app_that_started_them_is_killed(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> None:
     owner = subprocess.Popen(["sleep", "300"])
-    monkeypatch.setenv("HPCSIDE_OWNER_PID", str(owner.pid))
-    pgid = jobs.submit()
-    time.sleep(1)
-    assert group_members(pgid), "the job ended while its owner lived"
-    owner.kill()
-    owner.wait()
+    try:
+        monkeypatch.setenv("HPCSIDE_OWNER_PID", str(owner.pid))
+        pgid = jobs.submit()
+        time.sleep(1)
+        assert group_members(pgid), "the job ended while its owner lived"
+    finally:
+        owner.kill()
+        owner.wait()
     assert wait_until(lambda: not group_members(pgid)), f"left behind: {group_members(pgid)}"
 
 

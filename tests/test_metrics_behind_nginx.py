@@ -16,6 +16,8 @@ import pytest
 from tests.harness.nginx import Nginx
 from tests.live import LiveApp
 
+pytestmark = [pytest.mark.nginx, pytest.mark.live]
+
 TOKEN = "scrape-secret-0123456789"
 REMOTE = "127.0.0.2"
 

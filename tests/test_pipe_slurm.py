@@ -14,7 +14,7 @@ from tests.conftest import Hpcside
 from tests.harness.slurm import SlurmCluster
 from tests.harness.sshd import SSHServer
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.sshd, pytest.mark.root]
 
 
 def test_a_request_for_a_model_at_zero_is_held_through_the_slurm_cold_start(

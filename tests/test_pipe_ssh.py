@@ -17,6 +17,8 @@ from tests.conftest import Hpcside
 from tests.harness.accounts import Account
 from tests.harness.sshd import SSHServer, keygen
 
+pytestmark = [pytest.mark.sshd, pytest.mark.root]
+
 
 @pytest.fixture(scope="module")
 def side(deployment: Path, account: Account) -> Iterator[Hpcside]:
@@ -44,8 +46,10 @@ def platform_config(sshd: SSHServer, **kw: Any) -> PlatformConfig:
 @pytest.fixture
 def platform(sshd: SSHServer) -> Iterator[Platform]:
     plat = Platform(platform_config(sshd)).start()
-    yield plat
-    plat.stop()
+    try:
+        yield plat
+    finally:
+        plat.stop()
 
 
 CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "hello"}]}

@@ -61,8 +61,10 @@ def state(tmp_path: Path, stub: Dict[str, Any]) -> Path:
 def platform(state: Path) -> Iterator[Platform]:
     plat = Platform(PlatformConfig(name="local", transport="local",
                                    hpcside_config=str(state / "services.ini"))).start()
-    yield plat
-    plat.stop()
+    try:
+        yield plat
+    finally:
+        plat.stop()
 
 
 def test_load_is_published_while_requests_are_in_flight(platform: Platform, state: Path) -> None:

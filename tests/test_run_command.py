@@ -104,15 +104,44 @@ min_instances = 1
 walltime = 1h
 renewal_margin = 5m
 """)
-    warm = manage(data_dir, "embedded", "warm", "--timeout", "60").stdout
-    assert "loading the model" in warm and "SmolLM2-135M-Instruct ready in" in warm, warm
-    stop = manage(data_dir, "embedded", "stop").stdout
+    try:
+        warm = manage(data_dir, "embedded", "warm", "--timeout", "60").stdout
+        assert "loading the model" in warm and "SmolLM2-135M-Instruct ready in" in warm, warm
+    finally:  # the instance is stopped even when warm failed
+        stop = manage(data_dir, "embedded", "stop", check=False).stdout
     assert "stopped 1 model instance" in stop, stop
     status = json.loads(subprocess.run([sys.executable, "-m", "hpcside", "--config", str(own), "status", "--json"],
                                        cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     pids = [p for p in subprocess.run(["pgrep", "-f", str(SUPPORT / "stub_vllm.py")], capture_output=True,
                                       text=True, check=False).stdout.split()]
     assert not pids, (pids, status)
+
+
+def start_in_own_group(argv: List[str], **kwargs: object) -> subprocess.Popen:  # type: ignore[type-arg]
+    """Start a command as a terminal would: its own process group, SIGINT at its default.
+
+    A suite started as a background job (``cmd &``) runs with SIGINT ignored, and an ignored
+    signal is inherited: bash then cannot trap it, and Ctrl-C (SIGINT to the group) would do nothing.
+    """
+    return subprocess.Popen(argv, start_new_session=True,  # type: ignore[call-overload]
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
+def test_ctrl_c_reaches_the_command_even_when_the_suite_ignores_sigint() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `pytest &`
+    try:
+        proc = start_in_own_group(["bash", "-c", "trap 'exit 130' INT; echo up; while :; do sleep 0.1; done"],
+                                  stdout=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def chat_in_the_browser(url: str, password: str) -> None:
@@ -149,14 +178,15 @@ def chat_in_the_browser(url: str, password: str) -> None:
             browser.close()
 
 
-@pytest.mark.slurm  # slow: loads the real model
+@pytest.mark.vllm  # slow: loads the real model
+@pytest.mark.browser
+@pytest.mark.live
 def test_the_run_command_serves_the_real_model_and_ctrl_c_stops_everything(data_dir: Path) -> None:
     runtime()  # the vLLM environment and the model, prepared by scripts/test.sh
     port = free_port()
     env = {**env_for(data_dir), "CHATAI_PORT": str(port)}
     out = open(data_dir / "run.log", "w+b")  # noqa: SIM115 - read while the command runs
-    proc = subprocess.Popen(["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = start_in_own_group(["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         text = ""
@@ -182,8 +212,15 @@ def test_the_run_command_serves_the_real_model_and_ctrl_c_stops_everything(data_
         assert ports, text
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
-        code = proc.wait(timeout=60)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            code = None
         out.close()
+        if code is None:  # Ctrl-C did not stop it: stop everything it started, then fail
+            os.killpg(proc.pid, signal.SIGKILL)  # run.sh and daphne (one process group)
+            proc.wait()
+            manage(data_dir, "embedded", "stop", check=False)  # the model's instances (their own sessions)
     assert code == 130
     log = (data_dir / "run.log").read_text(errors="replace")
     assert "stopped 1 model instance" in log, log[-2000:]

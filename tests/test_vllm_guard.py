@@ -25,6 +25,8 @@ from hpcside.reconcile import Scheduler
 from hpcside.state import read_json
 from tests.test_e2e_vllm import runtime
 
+pytestmark = pytest.mark.vllm
+
 MODEL = "smol"
 
 

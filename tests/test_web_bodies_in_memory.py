@@ -29,9 +29,11 @@ SPOOL_DIRS = (tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm")
 @pytest.fixture(scope="module")
 def app() -> Iterator[LiveApp]:
     live = LiveApp(services=" ").start()  # no model needed: the body is what is watched
-    live.create_user("alice")
-    yield live
-    live.stop()
+    try:
+        live.create_user("alice")
+        yield live
+    finally:
+        live.stop()
 
 
 @pytest.fixture(scope="module")

@@ -194,6 +194,8 @@ def scenario_runs(args: argparse.Namespace, account: Any, deployment: Path) -> D
                 seconds = max(args.seconds, args.outage + 15) if name == "e" else args.seconds
                 run = asyncio.run(drive(stack, args.clients, seconds, args.fault_at, table[name]))
                 results[name] = summarize(name, run)
+                if name in ("e", "f", "g"):
+                    results[name]["recovered_s"] = None  # no instance was lost: nothing to come back
                 print(json.dumps(results[name]), flush=True)
     if "d" in args.only:
         # A 2-minute walltime with a 100 s renewal margin: each instance is renewed 20 s after it
@@ -253,7 +255,7 @@ def vllm_run(args: argparse.Namespace, account: Any, deployment: Path) -> Option
                             text, last = "", out.started
                             try:
                                 stream = await client.chat.completions.create(
-                                    model="SmolLM2-135M-Instruct", stream=True, temperature=0, max_tokens=120,
+                                    model="SmolLM2-135M-Instruct", stream=True, temperature=0, max_tokens=400,
                                     messages=[{"role": "user", "content": "Tell me about Paris."}])
                                 async for chunk in stream:
                                     now = time.monotonic()
@@ -266,12 +268,16 @@ def vllm_run(args: argparse.Namespace, account: Any, deployment: Path) -> Option
                             out.ended = time.monotonic()
 
                         tasks = [asyncio.ensure_future(one()) for _ in range(4)]
-                        await asyncio.sleep(3)
+                        while len(outs) < 4 or any(o.longest_gap == 0.0 for o in outs):
+                            await asyncio.sleep(0.2)  # every stream has tokens: now the cut is mid-stream
+                        await asyncio.sleep(1.0)
                         fault_at = time.monotonic()
                         cluster.kill_job_processes(inst["job_id"])
                         await asyncio.wait_for(asyncio.gather(*tasks), 600)
                         await client.close()
-                        return {"fault": "vLLM (SmolLM2): its only instance SIGKILLed mid-stream",
+                        cut = sum(1 for o in outs if o.ended > fault_at)
+                        return {"fault": f"vLLM (SmolLM2): its only instance SIGKILLed mid-stream ({cut} of 4 "
+                                         "streams running)",
                                 "requests": len(outs), "completed": sum(1 for o in outs if o.whole),
                                 "errors_in_flight": sum(1 for o in outs if o.error), "errors_after": 0, "hung": 0,
                                 "longest_stall_s": round(max(o.longest_gap for o in outs), 2),
@@ -352,7 +358,7 @@ def write_doc(report: Dict[str, Any]) -> None:
     text = doc.read_text()
     marker_a, marker_b = "<!-- chaos:begin -->", "<!-- chaos:end -->"
     rows = ["| fault | requests | completed whole | errors (in flight / started after) | hung | longest stall | "
-            "recovered |", "|---|---|---|---|---|---|---|"]
+            "instances back after |", "|---|---|---|---|---|---|---|"]
     for result in report.get("scenarios", {}).values():
         rec = f"{result['recovered_s']} s" if result.get("recovered_s") is not None else "-"
         rows.append(f"| {result['fault']} | {result['requests']} | {result['completed']} | "
@@ -365,8 +371,9 @@ def write_doc(report: Dict[str, Any]) -> None:
                      f"{soak_result['errors']} errors; daphne RSS {soak_result['daphne_rss_after_warmup_mb']} MB "
                      f"after warm-up, {soak_result['daphne_rss_end_mb']} MB at the end "
                      f"({soak_result['rss_growth_mb']:+} MB)."]
-    block = "\n".join([marker_a, f"Measured {report['date']} on {report['machine']}, command: "
-                       f"`{report['command']}`", "", *rows, marker_b])
+    commands = ", ".join(f"`{c}`" for c in report.get("commands", []))
+    block = "\n".join([marker_a, f"Measured {report['date']} on {report['machine']}; commands: {commands}.",
+                       "", *rows, marker_b])
     if marker_a in text:
         text = text[:text.index(marker_a)] + block + text[text.index(marker_b) + len(marker_b):]
     else:
@@ -399,14 +406,16 @@ def main() -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
     out = Path(args.out)
     report: Dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    command = "python bench/chaos.py " + " ".join(sys.argv[1:])
     report.update({"date": datetime.date.today().isoformat(),
                    "machine": f"{os.cpu_count()} cores, {pyplatform.machine()}, {pyplatform.platform()}",
-                   "command": "python bench/chaos.py " + " ".join(sys.argv[1:])})
+                   "commands": sorted(set(report.get("commands", [])) | {command})})
     try:
         if args.soak:
             report["soak"] = soak(args, account, deployment)
         else:
-            report["scenarios"] = scenario_runs(args, account, deployment)
+            # Merged into the last report: a rerun of some scenarios keeps the others' figures.
+            report.setdefault("scenarios", {}).update(scenario_runs(args, account, deployment))
             if args.vllm:
                 result = vllm_run(args, account, deployment)
                 if result:

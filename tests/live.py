@@ -32,6 +32,16 @@ def stub_service(name: str, model: str, *, min_instances: int = 0, template: Pat
     return "\n".join(lines) + "\n\n"
 
 
+def local_services(path: Path, state_dir: Path, prefix: str, sections: str, **settings: str) -> Path:
+    """An hpcside services file for the local launcher on this machine: the [hpcside] part the
+    tests share (settings override it), then ``sections`` (stub_service() output)."""
+    base = {"state_dir": str(state_dir), "launcher": "local", "job_prefix": prefix, "min_interval": "1s",
+            "python": sys.executable, "bind_host": "127.0.0.1", "endpoint_host": "127.0.0.1",
+            "hold_timeout": "30s", **settings}
+    path.write_text("[hpcside]\n" + "".join(f"{k} = {v}\n" for k, v in base.items()) + "\n" + sections)
+    return path
+
+
 @dataclass
 class LiveApp:
     """One deployment (database, hpcside state) served by one or more daphne workers."""
@@ -86,19 +96,9 @@ class LiveApp:
         self.stop()
 
     def _start(self) -> None:
-        (self.dir / "services.ini").write_text(f"""
-[hpcside]
-state_dir = {self.dir}/hpcside
-launcher = local
-job_prefix = live
-min_interval = 1s
-python = {sys.executable}
-bind_host = 127.0.0.1
-endpoint_host = 127.0.0.1
-hold_timeout = 30s
-
-""" + (self.services or stub_service("stub", "stub-model", idle_timeout="10m")
-                        + stub_service("other", "other-model")))
+        local_services(self.dir / "services.ini", self.dir / "hpcside", "live",
+                       self.services or stub_service("stub", "stub-model", idle_timeout="10m")
+                       + stub_service("other", "other-model"))
         if self.db == "postgresql":
             self.db_name = f"chatai_live_{os.getpid()}_{free_port()}"
             subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {self.db_name}"],

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, List, Tuple
@@ -24,8 +23,8 @@ from hpcbridge.config import PlatformConfig
 from hpcbridge.failover import Offer, rank, stream
 from hpcside.launchers import LocalLauncher
 from hpcside.state import read_json
+from tests.live import local_services, stub_service
 
-SUPPORT = Path(__file__).resolve().parent / "support"
 SENTENCE = "The capital of France is Paris."
 CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -49,35 +48,13 @@ def test_a_cold_model_starts_where_slurm_can_start_it_soonest() -> None:
     assert rank(offers, dict.fromkeys("abcd", True), {}) == ["d", "b", "a", "c"]
 
 
-def services(root: Path, prefix: str) -> Path:
-    path = root / "services.ini"
-    path.write_text(f"""
-[hpcside]
-state_dir = {root}/state
-launcher = local
-job_prefix = {prefix}
-min_interval = 0
-python = {sys.executable}
-bind_host = 127.0.0.1
-endpoint_host = 127.0.0.1
-hold_timeout = 30s
-
-[service:stub]
-model = stub-model
-template = {SUPPORT / 'stub.sh'}
-model_path = {SUPPORT / 'stub_vllm.py'}
-min_instances = 1
-walltime = 1h
-""")
-    return path
-
-
 class Sites:
     def __init__(self, tmp_path: Path) -> None:
         self.roots = {name: tmp_path / name for name in ("a", "b")}
         for name, root in self.roots.items():
             root.mkdir()
-            services(root, f"fo{name}")
+            local_services(root / "services.ini", root / "state", f"fo{name}",
+                           stub_service("stub", "stub-model", min_instances=1), min_interval="0")
         self.bridge = Bridge({name: Platform(PlatformConfig(name=name, transport="local", keepalive=1.0,
                                                             backoff_max=1.0,
                                                             hpcside_config=str(root / "services.ini")))

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
@@ -23,36 +22,18 @@ from hpcbridge.client import BridgeError, Head, Platform, Progress
 from hpcbridge.config import PlatformConfig
 from hpcside.launchers import LocalLauncher
 from hpcside.state import read_json
+from tests.live import local_services, stub_service
 
-SUPPORT = Path(__file__).resolve().parent / "support"
 PREFIX = "rf"
 SENTENCE = "The capital of France is Paris."
 CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "hello"}]}
 
 
 def services(tmp_path: Path, min_instances: int) -> Path:
-    path = tmp_path / "services.ini"
-    path.write_text(f"""
-[hpcside]
-state_dir = {tmp_path}/state
-launcher = local
-job_prefix = {PREFIX}
-min_interval = 0
-python = {sys.executable}
-bind_host = 127.0.0.1
-endpoint_host = 127.0.0.1
-hold_timeout = 60s
-
-[service:stub]
-model = stub-model
-template = {SUPPORT / 'stub.sh'}
-model_path = {SUPPORT / 'stub_vllm.py'}
-min_instances = {min_instances}
-max_instances = 3
-scale_down_delay = 1h
-walltime = 1h
-""")
-    return path
+    return local_services(tmp_path / "services.ini", tmp_path / "state", PREFIX,
+                          stub_service("stub", "stub-model", min_instances=min_instances, max_instances="3",
+                                       scale_down_delay="1h"),
+                          min_interval="0", hold_timeout="60s")
 
 
 class Site:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +15,7 @@ import openai
 import pytest
 
 from hpcside.launchers import LocalLauncher
-from tests.live import LiveApp, stub_service
+from tests.live import LiveApp, local_services, stub_service
 
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -24,18 +23,8 @@ ASK = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     other = tmp_path_factory.mktemp("platform-b")
-    (other / "services.ini").write_text(f"""
-[hpcside]
-state_dir = {other}/state
-launcher = local
-job_prefix = liveb
-min_interval = 1s
-python = {sys.executable}
-bind_host = 127.0.0.1
-endpoint_host = 127.0.0.1
-hold_timeout = 30s
-
-""" + stub_service("stub", "stub-model", min_instances=1))
+    local_services(other / "services.ini", other / "state", "liveb",
+                   stub_service("stub", "stub-model", min_instances=1))
     live = LiveApp(services=stub_service("stub", "stub-model", min_instances=1))
     live.extra_env["HPC_PLATFORMS"] = json.dumps([
         {"name": "a", "transport": "local", "hpcside_config": str(live.dir / "services.ini")},

@@ -5,13 +5,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
 class PlatformConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class JumpHost:
+    """A bastion in front of the login node (ProxyJump): its own pinned host key, port forwarding only."""
+
+    host: str
+    port: int = 22
+    user: str = ""
+    key_file: str = ""  # default: the platform's key
+    known_hosts: str = ""  # default: the platform's known_hosts
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class PlatformConfig:
     max_connections: int = 2
     streams_per_connection: int = 64  # above this on every connection, open another
     backoff_max: float = 30.0
+    proxy_jump: Optional[JumpHost] = None  # {"host", "port", "user", "key_file", "known_hosts"}
 
 
 def parse_platform(raw: Any, index: int) -> PlatformConfig:
@@ -53,6 +65,8 @@ def parse_platform(raw: Any, index: int) -> PlatformConfig:
     for key in ("connect_timeout", "keepalive", "dead_after", "backoff_max"):
         if key in values and (not isinstance(values[key], (int, float)) or values[key] <= 0):
             raise PlatformConfigError(f"{where}.{key}: must be a positive number of seconds")
+    if values.get("proxy_jump") is not None:
+        values["proxy_jump"] = parse_jump(values["proxy_jump"], values, f"{where}.proxy_jump")
     cfg = PlatformConfig(**values)
     if cfg.transport not in ("ssh", "local"):
         raise PlatformConfigError(f"{where}.transport: must be 'ssh' or 'local'")
@@ -68,6 +82,27 @@ def parse_platform(raw: Any, index: int) -> PlatformConfig:
     elif not cfg.hpcside_config:
         raise PlatformConfigError(f"{where}.hpcside_config: required for the local transport")
     return cfg
+
+
+def parse_jump(raw: Any, platform: dict[str, Any], where: str) -> JumpHost:
+    if not isinstance(raw, dict):
+        raise PlatformConfigError(f"{where}: must be an object with host, user and optionally port, key_file, "
+                                  "known_hosts")
+    for key in raw:
+        if key not in JumpHost.__dataclass_fields__:
+            raise PlatformConfigError(f"{where}.{key}: unknown field")
+    for key in ("host", "user"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise PlatformConfigError(f"{where}.{key}: required")
+    port = raw.get("port", 22)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise PlatformConfigError(f"{where}.port: must be a port number")
+    jump = JumpHost(raw["host"], port, raw["user"], str(raw.get("key_file") or platform.get("key_file") or ""),
+                    str(raw.get("known_hosts") or platform.get("known_hosts") or ""))
+    for key in ("key_file", "known_hosts"):
+        if not Path(getattr(jump, key)).is_file():
+            raise PlatformConfigError(f"{where}.{key}: {getattr(jump, key)} is not a readable file")
+    return jump
 
 
 def parse_platforms(raw: Any) -> list[PlatformConfig]:

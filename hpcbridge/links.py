@@ -3,7 +3,8 @@
 A link is opened once and carries one long-lived ``serve`` session. The SSH link pins the
 host key from a known_hosts file (an unknown or changed key is refused, never added),
 sets TCP_NODELAY (paramiko does not; without it every round trip waits for delayed ACKs)
-and enables transport keep-alives.
+and enables transport keep-alives. A login node behind a bastion (``proxy_jump``) is reached
+through a direct-tcpip channel of the bastion's transport, its host key pinned too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any, Optional, Tuple
 
 import paramiko
 
@@ -44,36 +46,7 @@ class SSHLink(Link):
     def __init__(self, cfg: PlatformConfig) -> None:
         self.cfg = cfg
         self.lock = threading.Lock()
-        self.client = paramiko.SSHClient()
-        try:
-            self.client.load_host_keys(cfg.known_hosts)
-        except OSError as exc:
-            raise LinkError(f"{cfg.name}: cannot read known_hosts {cfg.known_hosts}: {exc.strerror}") from None
-        self.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        try:
-            sock = socket.create_connection((cfg.host, cfg.port), timeout=cfg.connect_timeout)
-        except OSError as exc:
-            raise LinkError(f"{cfg.name}: cannot reach {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            self.client.connect(
-                cfg.host, port=cfg.port, username=cfg.user, key_filename=cfg.key_file, sock=sock,
-                look_for_keys=False, allow_agent=False, timeout=cfg.connect_timeout,
-                banner_timeout=cfg.connect_timeout, auth_timeout=cfg.connect_timeout,
-            )
-        except paramiko.BadHostKeyException:
-            sock.close()
-            raise HostKeyRefused(f"{cfg.name}: the host key of {cfg.host}:{cfg.port} CHANGED; refusing to connect "
-                                 f"(verify it out of band and update {cfg.known_hosts})") from None
-        except paramiko.SSHException as exc:
-            sock.close()
-            if "not found in known_hosts" in str(exc):
-                raise HostKeyRefused(f"{cfg.name}: {cfg.host}:{cfg.port} is not in {cfg.known_hosts}; "
-                                     "refusing an unknown host key") from None
-            raise LinkError(f"{cfg.name}: SSH failed: {exc}") from None
-        except OSError as exc:
-            sock.close()
-            raise LinkError(f"{cfg.name}: SSH failed: {exc}") from None
+        self.client, self.jump = ssh_connect(cfg)
         transport = self.client.get_transport()
         assert transport is not None
         transport.set_keepalive(max(1, int(cfg.keepalive)))
@@ -92,6 +65,73 @@ class SSHLink(Link):
             self.channel.close()
         finally:
             self.client.close()
+            if self.jump is not None:
+                self.jump.close()
+
+
+def ssh_connect(cfg: PlatformConfig) -> Tuple[paramiko.SSHClient, Optional[paramiko.SSHClient]]:
+    """An SSH client to the login node (and the bastion's, with proxy_jump), host keys pinned on each hop.
+
+    Through a bastion: one transport to it, a direct-tcpip channel to the login node, and the
+    login node's transport over that channel; the data link is still one channel on it."""
+    jump = cfg.proxy_jump
+    if jump is None:
+        return _connect(cfg.name, cfg.host, cfg.port, cfg.user, cfg.key_file, cfg.known_hosts,
+                        _tcp(cfg.name, cfg.host, cfg.port, cfg.connect_timeout), cfg.connect_timeout), None
+    bastion = _connect(cfg.name, jump.host, jump.port, jump.user, jump.key_file, jump.known_hosts,
+                       _tcp(cfg.name, jump.host, jump.port, cfg.connect_timeout), cfg.connect_timeout)
+    try:
+        transport = bastion.get_transport()
+        assert transport is not None
+        transport.set_keepalive(max(1, int(cfg.keepalive)))
+        try:
+            channel = transport.open_channel("direct-tcpip", (cfg.host, cfg.port), ("127.0.0.1", 0),
+                                             timeout=cfg.connect_timeout)
+        except (paramiko.SSHException, OSError) as exc:
+            raise LinkError(f"{cfg.name}: the bastion {jump.host}:{jump.port} did not open a tunnel to "
+                            f"{cfg.host}:{cfg.port}: {exc}") from None
+        return _connect(cfg.name, cfg.host, cfg.port, cfg.user, cfg.key_file, cfg.known_hosts, channel,
+                        cfg.connect_timeout), bastion
+    except BaseException:
+        bastion.close()
+        raise
+
+
+def _tcp(name: str, host: str, port: int, timeout: float) -> socket.socket:
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise LinkError(f"{name}: cannot reach {host}:{port}: {exc.strerror or exc}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _connect(name: str, host: str, port: int, user: str, key_file: str, known_hosts: str, sock: Any,
+             timeout: float) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    try:
+        client.load_host_keys(known_hosts)
+    except OSError as exc:
+        sock.close()
+        raise LinkError(f"{name}: cannot read known_hosts {known_hosts}: {exc.strerror}") from None
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(host, port=port, username=user, key_filename=key_file, sock=sock, look_for_keys=False,
+                       allow_agent=False, timeout=timeout, banner_timeout=timeout, auth_timeout=timeout)
+    except paramiko.BadHostKeyException:
+        sock.close()
+        raise HostKeyRefused(f"{name}: the host key of {host}:{port} CHANGED; refusing to connect "
+                             f"(verify it out of band and update {known_hosts})") from None
+    except paramiko.SSHException as exc:
+        sock.close()
+        if "not found in known_hosts" in str(exc):
+            raise HostKeyRefused(f"{name}: {host}:{port} is not in {known_hosts}; "
+                                 "refusing an unknown host key") from None
+        raise LinkError(f"{name}: SSH failed: {exc}") from None
+    except OSError as exc:
+        sock.close()
+        raise LinkError(f"{name}: SSH failed: {exc}") from None
+    return client
 
 
 class LocalLink(Link):
@@ -142,4 +182,4 @@ def open_link(cfg: PlatformConfig) -> Link:
     return LocalLink(cfg) if cfg.transport == "local" else SSHLink(cfg)
 
 
-__all__ = ["HostKeyRefused", "Link", "LinkError", "LocalLink", "SSHLink", "open_link"]
+__all__ = ["HostKeyRefused", "Link", "LinkError", "LocalLink", "SSHLink", "open_link", "ssh_connect"]

@@ -68,7 +68,8 @@ def start_gateway(db: str, redis: bool) -> tuple[LiveApp, str]:
                   extra_env={"LOG_LEVEL": "WARNING", "GATEWAY_POLICY_TTL": "5"}).start()
     app.create_user("bench")
     key = app.create_key("bench")
-    app.limit_key(key, parallel_streams=100000)  # a policy with no rate limits (the default has some)
+    # A user policy with no rate limits (the default has some; a user's limits hold across all keys).
+    app.limit_user("bench", parallel_streams=100000)
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
     req = urllib.request.Request(f"{app.url}/v1/chat/completions", data=body, method="POST",
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})

@@ -142,6 +142,12 @@ class LiveApp:
                    f"RateLimitPolicy.objects.create(name='test', api_key=ApiKey.objects.get(prefix={prefix!r}), "
                    + ", ".join(f"{k}={v}" for k, v in limits.items()) + ")")
 
+    def limit_user(self, username: str, **limits: int) -> None:
+        """Give a user a rate-limit policy of their own (counted across all their keys), as an admin would."""
+        self.shell("from django.contrib.auth.models import User\nfrom gateway.models import RateLimitPolicy\n"
+                   f"RateLimitPolicy.objects.create(name='test', user=User.objects.get(username={username!r}), "
+                   + ", ".join(f"{k}={v}" for k, v in limits.items()) + ")")
+
     def logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in sorted(self.dir.glob("daphne-*.log")))
 

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 from .config import Config
 from .decide import Observation, Plan, Probe, decide, job_name, record_failure, routing_table
 from .launchers import Launcher, LauncherError, make_launcher
+from .lifecycle import Phase
 from .state import (
     SchedulerState,
     ServiceState,
@@ -134,7 +135,7 @@ class Scheduler:
         for inst in state.instances.values():
             is_running = job_name(self.settings.job_prefix, inst.iid) in running
             # Only running jobs are probed; a job pending at the last reconcile may run now.
-            if inst.phase == "cancelling" or (inst.phase == "pending" and not is_running):
+            if inst.phase == Phase.CANCELLING or (inst.phase == Phase.PENDING and not is_running):
                 continue
             endpoint = read_endpoint(self.dir, inst.iid)
             if endpoint is None:

@@ -85,7 +85,7 @@ class Instance:
     model: str
     submitted_at: float
     job_id: Optional[str] = None
-    phase: str = "pending"  # pending | starting | ready | unhealthy | draining | cancelling
+    phase: str = "pending"  # a hpcside.lifecycle.Phase (a str: the file keeps the same words)
     slurm_state: str = ""
     reason: str = ""  # Slurm's pending reason, or why we drain / cancel
     node: str = ""

@@ -16,7 +16,8 @@ if [ "${1:-}" = "--fast" ]; then
   step "python environment"
   venv_ready requirements-dev.txt
   step "fast tests (no root, Slurm, sshd, browser, vLLM, PostgreSQL, Redis, daphne or nginx)"
-  exec .venv/bin/python -m pytest -q \
+  # Two workers, one test file each at a time (most of these tests wait on processes, not the CPU).
+  exec .venv/bin/python -m pytest -q -n 2 --dist loadfile \
     -m "not (slurm or sshd or browser or vllm or postgres or redis or live or root or nginx)" "$@"
 fi
 

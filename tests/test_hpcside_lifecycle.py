@@ -77,7 +77,7 @@ def test_slurm_not_answering_is_the_stage_but_not_the_status() -> None:
         Status.QUEUED, Stage.WAITING, "the batch system is not answering")
 
 
-@pytest.mark.parametrize("path", ["hpcside/decide.py", "hpcside/serve.py", "hpcside/status.py",
+@pytest.mark.parametrize("path", ["hpcside/decide.py", "hpcside/reconcile.py", "hpcside/serve.py", "hpcside/status.py",
                                   "chatai/management/commands/embedded.py"])
 def test_no_caller_spells_a_phase_itself(path: str) -> None:
     """Every comparison with an instance's phase goes through Phase."""

@@ -52,7 +52,10 @@ class Jobs:
 
 
 @pytest.fixture
-def jobs(tmp_path: Path) -> Iterator[Jobs]:
+def jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Jobs]:
+    # A shorter TERM-to-KILL grace (the watchdog's is KILL_AFTER - 2): the same escalation, in
+    # seconds rather than the ten a loading vLLM gets.
+    monkeypatch.setattr(LocalLauncher, "KILL_AFTER", 3.0)
     j = Jobs(tmp_path)
     yield j
     for pgid in j.groups:

@@ -112,8 +112,12 @@ renewal_margin = 5m
     assert "stopped 1 model instance" in stop, stop
     status = json.loads(subprocess.run([sys.executable, "-m", "hpcside", "--config", str(own), "status", "--json"],
                                        cwd=ROOT, capture_output=True, text=True, check=True).stdout)
-    pids = [p for p in subprocess.run(["pgrep", "-f", str(SUPPORT / "stub_vllm.py")], capture_output=True,
-                                      text=True, check=False).stdout.split()]
+    port = re.search(r"ready in \d+ s \(http://127\.0\.0\.1:(\d+)\)", warm)
+    assert port, warm
+    # This test's instance only: other tests (in parallel, say) run stubs of their own.
+    pids = [p for p in subprocess.run(["pgrep", "-f", f"{SUPPORT / 'stub_vllm.py'} --host 127.0.0.1 --port "
+                                       f"{port.group(1)} "], capture_output=True, text=True,
+                                      check=False).stdout.split()]
     assert not pids, (pids, status)
 
 

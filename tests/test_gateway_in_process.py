@@ -1,0 +1,93 @@
+"""/v1 validation, errors and keys in process, with Django's async test client and test database:
+the fast tier's view of what tests/test_gateway_openai.py shows on a live daphne."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+from typing import Any, Dict, Optional
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.contrib.auth.models import User
+from django.test import AsyncClient
+from django.utils import timezone
+
+from gateway import keys
+from gateway.models import ApiKey
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ASK = [{"role": "user", "content": "What is the capital of France?"}]
+_hosts = itertools.count(1)
+
+
+def client() -> AsyncClient:
+    # A fresh address per client: the failed-authentication throttle counts per address.
+    return AsyncClient(REMOTE_ADDR=f"203.0.113.{next(_hosts) % 250 + 1}")
+
+
+def post(body: bytes, key: Optional[str] = None, path: str = "/v1/chat/completions",
+         headers: Optional[Dict[str, str]] = None) -> Any:
+    """The request goes through the async views as under daphne (AsyncClient), driven from a sync test."""
+    sent = {"Authorization": f"Bearer {key}"} if key else {}
+    sent.update(headers or {})
+    return async_to_sync(client().post)(path, body, content_type="application/json", headers=sent)
+
+
+def assert_openai_error(response: Any, status: int) -> Dict[str, Any]:
+    assert response.status_code == status, response.content
+    error = json.loads(response.content)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error
+
+
+def new_key(name: str = "erin", **options: Any) -> str:
+    user, _ = User.objects.get_or_create(username=name)
+    return keys.api_key_create(user=user, name="test", **options)[1]
+
+
+@pytest.mark.parametrize("headers, code", [
+    ({}, "missing_api_key"),
+    ({"Authorization": "Bearer cai-000000000000.nope"}, "invalid_api_key"),
+    ({"Authorization": "Bearer not-a-key"}, "invalid_api_key"),
+    ({"Authorization": "Basic abc"}, "invalid_api_key"),
+])
+def test_missing_or_invalid_keys_get_401_in_openai_shape(headers: Dict[str, str], code: str) -> None:
+    response = post(json.dumps({"model": "stub-model", "messages": ASK}).encode(), headers=headers)
+    assert assert_openai_error(response, 401)["code"] == code
+
+
+@pytest.mark.parametrize("payload, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"messages": ASK}).encode(), "model"),
+    (json.dumps({"model": "stub-model"}).encode(), "messages"),
+    (json.dumps({"model": "stub-model", "messages": "hi"}).encode(), "messages"),
+    (json.dumps({"model": "stub-model", "messages": [{"content": "x"}]}).encode(), "messages[0]"),
+    (json.dumps({"model": "stub-model", "messages": ASK, "stream": "yes"}).encode(), "stream"),
+])
+def test_malformed_requests_get_400_naming_the_parameter(payload: bytes, param: Optional[str]) -> None:
+    response = post(payload, new_key())
+    assert assert_openai_error(response, 400)["param"] == param
+
+
+def test_a_revoked_key_stops_working_at_once() -> None:
+    key = new_key()
+    prefix = key.split(".")[0].removeprefix(keys.KEY_PREFIX)
+    keys.api_key_revoke(ApiKey.objects.get(prefix=prefix))
+    response = post(json.dumps({"model": "stub-model", "messages": ASK}).encode(), key)
+    assert assert_openai_error(response, 401)["code"] == "invalid_api_key"
+
+
+def test_an_expired_key_is_refused() -> None:
+    key = new_key(expires_at=timezone.now() - dt.timedelta(seconds=1))
+    response = post(json.dumps({"model": "stub-model", "messages": ASK}).encode(), key)
+    assert_openai_error(response, 401)
+
+
+def test_unknown_endpoints_answer_in_openai_shape() -> None:
+    key = new_key()
+    response = async_to_sync(client().get)("/v1/nothing-here", headers={"Authorization": f"Bearer {key}"})
+    assert_openai_error(response, 404)

@@ -61,8 +61,10 @@ DATE_RANGE = [
 COUNTS = {"model": STRING, "requests": INT, "errors": INT, "prompt_tokens": INT, "completion_tokens": INT}
 
 SCHEMAS: Dict[str, Any] = {
+    # The gateway's own errors carry all four fields; an upstream's error in OpenAI's shape passes as it came.
     "Error": obj({"error": obj({"message": STRING, "type": STRING, "param": nullable(STRING),
-                                "code": nullable(STRING)}, ["message", "type", "param", "code"])}, ["error"]),
+                                "code": {"nullable": True, "anyOf": [STRING, INT]}}, ["message", "type"])},
+                 ["error"]),
     "Key": obj({"prefix": STRING, "name": STRING, "created_at": DATETIME, "expires_at": nullable(DATETIME),
                 "revoked_at": nullable(DATETIME), "last_used_at": nullable(DATETIME),
                 "allowed_models": {"type": "array", "items": STRING},

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from typing import Any, Dict, Optional
 
 from django.http import JsonResponse
 
@@ -34,3 +35,29 @@ class ApiError(Exception):
         if self.retry_after is not None:
             resp["Retry-After"] = str(max(1, int(round(self.retry_after))))
         return resp
+
+
+def upstream_error(status: int, body: bytes) -> Dict[str, Any]:
+    """An upstream's error reply in OpenAI's shape, whatever shape it came in. An error already in that
+    shape ({"error": {"message": ...}}) passes as it is (with a type if it had none); vLLM's older
+    top-level one, FastAPI's ``{"detail": ...}``, ``{"error": "text"}`` or plain text are rewritten,
+    so clients (and the OpenAPI schema) can rely on {"error": {"message", "type", ...}} on every error."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        data = None
+    inner = data.get("error") if isinstance(data, dict) else None
+    if isinstance(inner, dict) and isinstance(inner.get("message"), str) and inner["message"]:
+        if not isinstance(inner.get("type"), str):
+            inner = {**inner, "type": TYPES.get(status, "api_error")}
+        return {"error": inner}
+    source: Dict[str, Any] = inner if isinstance(inner, dict) else data if isinstance(data, dict) else {}
+    message = source.get("message")
+    if not isinstance(message, str) or not message:
+        detail = inner if isinstance(inner, str) else source.get("detail")
+        message = detail if isinstance(detail, str) and detail else body.decode(errors="replace").strip()[:500]
+    kind, code, param = source.get("type"), source.get("code"), source.get("param")
+    return {"error": {"message": message or f"The model server answered {status}.",
+                      "type": kind if isinstance(kind, str) and kind else TYPES.get(status, "api_error"),
+                      "param": param if isinstance(param, str) else None,
+                      "code": code if isinstance(code, (str, int)) else None}}

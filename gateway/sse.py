@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from gateway.errors import upstream_error
 from hpcside.sse import split_events
 
 DONE = b"data: [DONE]\n\n"
@@ -159,12 +160,9 @@ class Relay:
 
 # -- endings ---------------------------------------------------------------------------------
 
-def error_object(body: bytes) -> Any:
-    """An upstream's error reply as the object to send: its JSON, or its text in OpenAI's shape."""
-    try:
-        return json.loads(body)
-    except ValueError:
-        return {"error": {"message": body.decode(errors="replace")[:500], "type": "api_error"}}
+def error_object(body: bytes, status: int = 502) -> Any:
+    """An upstream's error reply as the object to send, in OpenAI's shape (gateway.errors.upstream_error)."""
+    return upstream_error(status, body)
 
 
 def error_ending(error: Any) -> bytes:

@@ -24,7 +24,7 @@ from django.views.decorators.csrf import csrf_exempt
 from common.upstream import Head, Progress, UpstreamError
 from gateway import external, metrics, registry, sse
 from gateway.caller import Caller, caller_of
-from gateway.errors import ApiError
+from gateway.errors import ApiError, upstream_error
 from gateway.limits import Bucket, limiter
 from gateway.usage import writer
 from hpcbridge import failover
@@ -182,8 +182,11 @@ async def forward(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], r
             if first.status == 200:
                 acct.tally.take_usage(sse.usage_in_body(body))
             ended = first.status
-            resp = HttpResponse(body, status=first.status,
-                                content_type=first.headers.get("content-type", "application/json"))
+            if first.status == 200:
+                kind = first.headers.get("content-type", "application/json")
+                resp = HttpResponse(body, status=200, content_type=kind)
+            else:  # every error in one shape, whatever the upstream's was
+                resp = JsonResponse(upstream_error(first.status, body), status=first.status)
             resp["x-request-id"] = request_id
             if "retry-after" in first.headers:
                 resp["Retry-After"] = first.headers["retry-after"]
@@ -230,7 +233,7 @@ async def relay(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_
             elif isinstance(event, Head) and event.status != 200:
                 status = event.status
                 body = b"".join([c async for c in events if isinstance(c, bytes)])
-                yield sse.error_ending(sse.error_object(body))
+                yield sse.error_ending(sse.error_object(body, status))
                 return
             elif isinstance(event, Head):
                 acct.accepted = True

@@ -1,5 +1,8 @@
 """ASGI entry point for daphne: ``daphne chatai.asgi:application``.
 
+HTTP and WebSockets are told apart by channels' ``ProtocolTypeRouter``; WebSockets carry the live
+model status (gateway/live.py). HTTP keeps the routing below.
+
 /v1, the OpenAI-compatible API, is served by ``ApiApp``: a lean ASGI front for the gateway's
 async views, without Django's per-request machinery. On ASGI, Django's handler starts and
 joins a thread for every request (request signals, response close) and every sync-style
@@ -18,6 +21,7 @@ import os
 import traceback
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
+from channels.routing import ProtocolTypeRouter
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import DisallowedHost
@@ -197,9 +201,23 @@ def build() -> Callable[..., Awaitable[None]]:
 
     speed_up_twisted_content_type()
     keep_request_bodies_in_memory(lambda: settings.GATEWAY_MAX_BODY)  # Twisted would spool them to /tmp
-    app = draining.wrap(router(site, ApiApp(route), StaticApp()))
+    http = draining.wrap(router(site, ApiApp(route), StaticApp()))
     draining.install()
-    return app
+    return ProtocolTypeRouter({"http": http, "websocket": websockets()})
+
+
+def websockets() -> Any:
+    """/ws/status/: live model status (gateway/live.py), for signed-in sessions from our own origin."""
+    from channels.auth import AuthMiddlewareStack
+    from channels.routing import URLRouter
+    from channels.security.websocket import AllowedHostsOriginValidator
+    from django.urls import path
+
+    from gateway.live import StatusConsumer
+
+    return AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter([
+        path("ws/status/", StatusConsumer.as_asgi()),
+    ])))
 
 
 application = build()

@@ -45,6 +45,7 @@ INSTALLED_APPS = [
     "django_prometheus",
     "rest_framework",
     "api",
+    "channels",
 ]
 
 # /api (DRF): the same API keys as /v1, or the session with CSRF; errors in /v1's shape.
@@ -255,6 +256,20 @@ CACHES = {
         else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
     )
 }
+
+# WebSockets (channels): live model status for the chat page. With Redis, every worker's sockets
+# get the same updates (channels-redis); alone, an in-memory layer.
+ASGI_APPLICATION = "chatai.asgi.application"
+CHANNEL_LAYERS = {
+    "default": (
+        {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL],
+                                                                         "prefix": "chatai-ws"}}
+        if REDIS_URL
+        else {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+    )
+}
+# Seconds between two looks at the models' status while a page is open (pushed only on change).
+LIVE_STATUS_INTERVAL = float(env("LIVE_STATUS_INTERVAL", "1"))
 
 # /metrics: with a token, the token is required; without, scrapers from these addresses or
 # networks (none set: direct requests from this machine only, never through a proxy).

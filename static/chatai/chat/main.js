@@ -49,18 +49,50 @@ function loadModels() {
     })
     .then(function (body) {
       models = (body && body.data) || [];
-      var selected = ui.model.value || (current && current.model);
-      ui.model.replaceChildren();
-      models.forEach(function (m) { ui.model.appendChild(modelOption(m)); });
-      if (current && current.model && !models.some(function (m) { return m.id === current.model; })) {
-        ui.model.appendChild(missingModelOption(current.model));
-      }
-      ui.model.value = (current && current.model) || selected || (models[0] && models[0].id) || "";
+      renderModels();
       if (current && !current.model) current.model = ui.model.value;
-      showModelStatus();
     })
     .catch(function () { ui.status.textContent = "models unavailable"; });
 }
+function renderModels() {
+  var selected = ui.model.value || (current && current.model);
+  ui.model.replaceChildren();
+  models.forEach(function (m) { ui.model.appendChild(modelOption(m)); });
+  if (current && current.model && !models.some(function (m) { return m.id === current.model; })) {
+    ui.model.appendChild(missingModelOption(current.model));
+  }
+  ui.model.value = (current && current.model) || selected || (models[0] && models[0].id) || "";
+  showModelStatus();
+}
+// Live status over a WebSocket (/ws/status/): a model queues, starts and becomes ready on the page
+// as it happens. Where no WebSocket gets through (a proxy without upgrade), the list is polled.
+function liveStatus() {
+  var ws, opened = false;
+  try { ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws/status/"); }
+  catch (e) { poll(); return; }
+  ws.onopen = function () { opened = true; document.body.dataset.live = "1"; };
+  ws.onmessage = function (ev) {
+    var msg = JSON.parse(ev.data);
+    if (msg.type !== "status") return;
+    var known = {};
+    models.forEach(function (m) { known[m.id] = m; });
+    if (msg.models.some(function (m) { return !known[m.id]; }) || msg.models.length !== models.length) {
+      loadModels();  // a model came or went: names and descriptions come with the list
+      return;
+    }
+    msg.models.forEach(function (m) {
+      known[m.id].status = m.status; known[m.id].instances = m.instances; known[m.id].demand = m.demand;
+    });
+    renderModels();
+  };
+  ws.onclose = function (ev) {
+    delete document.body.dataset.live;
+    if (ev.code === 4401) { if (!streaming) location.reload(); return; }  // signed out or disabled
+    if (!opened) { poll(); return; }
+    setTimeout(liveStatus, 2000);  // the worker restarted: connect again
+  };
+}
+function poll() { setInterval(loadModels, 15000); }
 function showModelStatus() {
   var m = models.find(function (x) { return x.id === ui.model.value; });
   if (!m) { ui.status.textContent = ""; return; }
@@ -194,7 +226,6 @@ function complete(conv) {
     streaming = null;
     setBusy(false);
     if (!reply.content && !reply.error && !reply.stopped) reply.error = "The model sent an empty reply.";
-    if (reply.content) loadModels();  // its status has changed (it runs now)
     li.replaceWith(renderMessage(conv, index));
     return save(conv);
   }).then(renderList);
@@ -345,7 +376,7 @@ function start() {
     var last = conversations.find(function (c) { return c.id === r[1]; }) || newestFirst(conversations)[0];
     if (last) select(last); else startNew();
     showReminder();
-    setInterval(loadModels, 15000);
+    liveStatus();
     document.body.dataset.ready = "1";
   }).catch(function (e) {
     showError("This browser does not allow storing conversations (IndexedDB): " + e +

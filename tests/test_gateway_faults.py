@@ -33,7 +33,11 @@ class Provider:
         self.proc = subprocess.Popen([sys.executable, str(SUPPORT / "stub_vllm.py"), "--port", str(self.port),
                                       "--model", "provider-model"], env={**os.environ, "VLLM_API_KEY": PROVIDER_KEY},
                                      stdout=subprocess.DEVNULL, start_new_session=True)
-        wait_http(f"{self.url}/health", 15, "the provider stub")
+        try:
+            wait_http(f"{self.url}/health", 15, "the provider stub")
+        except BaseException:
+            stop_process_group(self.proc)
+            raise
 
     @property
     def url(self) -> str:

@@ -124,10 +124,14 @@ def test_the_session_server_ends_a_session_without_hello_in_time(config_path: Pa
     proc = subprocess.Popen([sys.executable, "-S", "-m", "hpcside", "--config", str(config_path), "forcecommand"],
                             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    assert proc.stdin is not None
-    proc.stdin.write(b"\x00\x00")  # half a header, then silence
-    proc.stdin.flush()
-    assert proc.wait(timeout=20) == 1  # it hangs up by itself; stdin is still open
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"\x00\x00")  # half a header, then silence
+        proc.stdin.flush()
+        assert proc.wait(timeout=20) == 1  # it hangs up by itself; stdin is still open
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     out, err = proc.communicate()
     (frame,) = p.Decoder().feed(out)
     assert frame.type == p.ERROR and "HELLO" in frame.json()["message"]

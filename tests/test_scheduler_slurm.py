@@ -261,20 +261,22 @@ def test_the_harness_leaves_no_daemon_or_job_behind_even_after_faults(account: A
     import subprocess
 
     cluster = SlurmCluster(["n1", "n2"], account).start()
-    script = cluster.root / "job.sh"
-    script.write_text("#!/bin/bash\nsleep 300\n")
-    script.chmod(0o755)
-    out = cluster.root / "out"
-    out.mkdir(mode=0o777)
-    for _ in range(2):
-        subprocess.run(["runuser", "-u", account.name, "--", "sbatch", "-o", str(out / "%j"), str(script)],
-                       env=cluster.env, check=True, capture_output=True)
-    deadline = time.monotonic() + 20
-    while sum(j["state"] == "RUNNING" for j in cluster.jobs()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    cluster.kill_node("n2")
-    cluster.stop_controller()  # the worst case: nobody left to cancel the jobs
-    cluster.stop()
+    try:
+        script = cluster.root / "job.sh"
+        script.write_text("#!/bin/bash\nsleep 300\n")
+        script.chmod(0o755)
+        out = cluster.root / "out"
+        out.mkdir(mode=0o777)
+        for _ in range(2):
+            subprocess.run(["runuser", "-u", account.name, "--", "sbatch", "-o", str(out / "%j"), str(script)],
+                           env=cluster.env, check=True, capture_output=True)
+        deadline = time.monotonic() + 20
+        while sum(j["state"] == "RUNNING" for j in cluster.jobs()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cluster.kill_node("n2")
+        cluster.stop_controller()  # the worst case: nobody left to cancel the jobs
+    finally:
+        cluster.stop()  # also when a step above failed
     assert cluster.leftover_processes() == []
     assert subprocess.run(["pgrep", "-u", account.name], capture_output=True).stdout == b""
 

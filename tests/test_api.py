@@ -227,5 +227,7 @@ def test_the_schema_describes_api_and_v1_and_its_page_is_behind_login(app: LiveA
     with opener.open(f"{app.url}/api/docs", timeout=10) as resp:
         page = resp.read().decode()
         assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    browsable = opener.open(urllib.request.Request(f"{app.url}/api/me", headers={"Accept": "text/html"}), timeout=10)
+    assert browsable.headers["Content-Type"].startswith("text/html") and "alice" in browsable.read().decode()
     main = page.split('<main id="main">')[1].split("</main>")[0]
     assert "POST /v1/chat/completions" in main and "GET /api/me" in main and "<script" not in main

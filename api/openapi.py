@@ -100,7 +100,8 @@ SCHEMAS: Dict[str, Any] = {
                      "failures": INT, "last_error": STRING, "retry_in": {"type": "number"},
                      "last_pong": {"type": "object"},
                      "models": {"type": "array", "items": obj(
-                         {"id": STRING, "status": STRING, "instances": INT, "demand": INT},
+                         {"id": STRING, "status": STRING, "instances": INT, "demand": INT,
+                          "start_estimate": nullable({"type": "number"})},
                          ["id", "status", "instances", "demand"])}},
                     ["name", "up", "connections", "streams", "failures", "models"]),
     # /v1, OpenAI's shapes (only what this gateway guarantees; more fields pass through).

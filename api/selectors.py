@@ -70,11 +70,14 @@ async def _platforms() -> List[Dict[str, Any]]:
         state = bridge.platforms[name].state()
         out.append({**state, "models": [
             {"id": m["id"], "status": str(m.get("status", "offline")), "instances": int(m.get("instances") or 0),
-             "demand": int(m.get("demand") or 0)} for m in models]})
+             "demand": int(m.get("demand") or 0),
+             "start_estimate": m["start_estimate"] if isinstance(m.get("start_estimate"), (int, float)) else None}
+            for m in models]})
     return out
 
 
 def platforms_state() -> List[Dict[str, Any]]:
     """Each platform's link (connections, streams, failures, last error) and its models' status,
-    instances and demand (requests running or waiting, which includes those queued in Slurm)."""
+    instances, demand (requests running or waiting, which includes those queued in Slurm) and
+    Slurm's start estimate for a cold one (seconds; None when unknown)."""
     return async_to_sync(_platforms)()

@@ -212,6 +212,7 @@ def test_admin_views_are_for_staff_and_show_usage_per_user_group_and_model_and_t
     models = {m["id"]: m for m in local["models"]}
     assert models["stub-model"]["status"] == "ready" and models["stub-model"]["instances"] >= 1
     assert models["other-model"]["status"] == "offline"
+    assert all(m["start_estimate"] is None or m["start_estimate"] >= 0 for m in local["models"])
 
 
 def test_the_schema_describes_api_and_v1_and_its_page_is_behind_login(app: LiveApp) -> None:

@@ -13,6 +13,7 @@ urlpatterns = [
     path("keys/", views.keys, name="keys"),
     path("privacy/", views.privacy, name="privacy"),
     path("healthz", views.healthz, name="healthz"),
+    path("admin/platforms/", views.platforms, name="platforms"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("v1/", include("gateway.urls")),

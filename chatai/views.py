@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, cast
 
 from django.conf import settings
+from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth import SESSION_KEY
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
@@ -41,8 +43,15 @@ def signin_failed(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET"])
 def keys(request: HttpRequest) -> HttpResponse:
     """The user's own API keys; the page creates and revokes them through /api/keys (static/chatai/keys.js)."""
-    context: Dict[str, Any] = {"keys": ApiKey.objects.filter(user=request.user),
+    user = cast(User, request.user)  # signed in: login_required
+    context: dict[str, Any] = {"keys": ApiKey.objects.filter(user=user),
                                "api_base": request.build_absolute_uri("/v1")}
     response = render(request, "keys.html", context)
     response["Cache-Control"] = "no-store"
     return response
+
+
+@staff_member_required
+def platforms(request: HttpRequest) -> HttpResponse:
+    """Staff: the platforms' links and every model's status, live over /ws/status/ (static/chatai/platforms.js)."""
+    return render(request, "platforms.html")

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -33,24 +33,29 @@ log = logging.getLogger("gateway.live")
 GROUP = "model-status"
 LEASE_KEY = "live-status-publisher"
 _me = f"{os.getpid()}-{id(object())}"
-_publisher: Optional[asyncio.Task[None]] = None
+_publisher: asyncio.Task[None] | None = None
 _sockets = 0
 
 
-def snapshot_of(entries: List[registry.ModelEntry]) -> List[Dict[str, Any]]:
+def snapshot_of(entries: list[registry.ModelEntry]) -> list[dict[str, Any]]:
     """What every socket may be sent, before filtering per user (no content, no secrets)."""
     return [{"id": e.id, "status": e.status, "instances": e.instances, "demand": e.demand,
              "group_ids": list(e.group_ids), "platforms": [o.platform for o in e.offers]}
             for e in entries]
 
 
-async def publish_once(layer: Any, last: Optional[str]) -> Optional[str]:
-    """Send the models' status to the group if it changed since ``last``; returns its digest."""
+async def current_status() -> dict[str, Any]:
+    """Every model's status and every platform's link, before filtering per user."""
     entries = list((await registry.all_models()).values())
-    bridge_states = {name: p.state() for name, p in registry.get_bridge().platforms.items()}
-    message = {"models": snapshot_of(entries),
-               "platforms": [{"name": n, "up": s["up"], "last_error": s["last_error"]}
-                             for n, s in sorted(bridge_states.items())]}
+    states = {name: p.state() for name, p in registry.get_bridge().platforms.items()}
+    return {"models": snapshot_of(entries),
+            "platforms": [{"name": n, "up": s["up"], "connections": s["connections"], "streams": s["streams"],
+                           "last_error": s["last_error"]} for n, s in sorted(states.items())]}
+
+
+async def publish_once(layer: Any, last: str | None) -> str | None:
+    """Send the models' status to the group if it changed since ``last``; returns its digest."""
+    message = await current_status()
     digest = hashlib.sha256(json.dumps(message, sort_keys=True).encode()).hexdigest()
     if digest != last:
         await layer.group_send(GROUP, {"type": "status.update", "status": message})
@@ -60,7 +65,7 @@ async def publish_once(layer: Any, last: Optional[str]) -> Optional[str]:
 async def _publish_loop() -> None:
     layer = get_channel_layer()
     cache = caches["default"]
-    last: Optional[str] = None
+    last: str | None = None
     interval = settings.LIVE_STATUS_INTERVAL
     while _sockets > 0:
         try:
@@ -96,8 +101,7 @@ class StatusConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         _sockets += 1
         _ensure_publisher()
-        entries = list((await registry.all_models()).values())
-        await self.send_json({"type": "status", "models": self.visible(snapshot_of(entries))})
+        await self.send_json(self.message(await current_status()))
 
     async def disconnect(self, code: int) -> None:
         global _sockets
@@ -108,17 +112,21 @@ class StatusConsumer(AsyncJsonWebsocketConsumer):
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         pass  # the page only listens
 
-    async def status_update(self, event: Dict[str, Any]) -> None:
+    async def status_update(self, event: dict[str, Any]) -> None:
         user = self.scope["user"]
         if not await database_sync_to_async(_still_active)(user.pk):
             await self.close(code=4401)
             return
-        out: Dict[str, Any] = {"type": "status", "models": self.visible(event["status"]["models"])}
-        if user.is_staff:
-            out["platforms"] = event["status"]["platforms"]
-        await self.send_json(out)
+        await self.send_json(self.message(event["status"]))
 
-    def visible(self, models: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    def message(self, status: dict[str, Any]) -> dict[str, Any]:
+        """What this socket's user may see: their models; the platforms' links for staff."""
+        out: dict[str, Any] = {"type": "status", "models": self.visible(status["models"])}
+        if self.scope["user"].is_staff:
+            out["platforms"] = status["platforms"]
+        return out
+
+    def visible(self, models: list[dict[str, Any]]) -> list[dict[str, Any]]:
         user = self.scope["user"]
         caller: Any = SimpleNamespace(user=user, key=None, group_ids=frozenset(self.group_ids))  # a session
         out = []

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from typing import Any, Dict, Iterator, List
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_an_open_chat_page_sees_a_model_start_without_a_reload(app: LiveApp) -> 
         try:
             page = browser.new_page()
             page.set_default_timeout(30_000)
-            requests: List[str] = []
+            requests: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
             page.goto(app.url + "/")
             page.fill("#id_username", "alice")
@@ -68,7 +69,7 @@ def test_an_open_chat_page_sees_a_model_start_without_a_reload(app: LiveApp) -> 
             browser.close()
 
 
-async def ws_handshake(url: str, headers: Dict[str, str]) -> Any:
+async def ws_handshake(url: str, headers: dict[str, str]) -> Any:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
@@ -88,3 +89,36 @@ def test_the_socket_takes_only_signed_in_sessions_from_the_sites_origin(app: Liv
     # Another site's page using the visitor's cookies: refused at the handshake.
     kind, data = asyncio.run(ws_handshake(app.url, {"Origin": "https://evil.example"}))
     assert kind == "refused" and data == 403
+
+
+def test_the_staff_platform_view_follows_a_model_live(app: LiveApp) -> None:
+    from playwright import sync_api
+
+    from tests.test_browser import CHROMIUM, wait_js
+
+    app.shell("from django.contrib.auth.models import User\n"
+              "User.objects.create_user('olga', password='pw-olga-123', is_staff=True)\n")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(app.url + "/admin/platforms/")
+            page.fill("#id_username", "olga")
+            page.fill("#id_password", "pw-olga-123")
+            page.click("[type=submit]")
+            page.wait_for_selector("#platform-rows tr")
+            assert page.inner_text("#platform-rows").split("\t")[:2] == ["local", "up"]
+            row = "document.querySelector('#model-rows tr[data-model=\"stub-model\"]')"
+            wait_js(page, f"{row} !== null")
+            assert page.evaluate(f"{row}.dataset.status") == "offline"  # nobody asked for it in this module
+            page.evaluate("window.__samePage = true")
+            cold_start(app, app.url, "stub-model")
+            wait_js(page, f"{row}.dataset.status === 'ready'")
+            assert page.evaluate("window.__samePage === true"), "the page was reloaded"
+        finally:
+            browser.close()
+        # Without a staff sign-in: the admin's sign-in page instead.
+        landed = urllib.request.urlopen(f"{app.url}/admin/platforms/", timeout=10).geturl()  # noqa: S310
+        assert "/admin/login/" in landed

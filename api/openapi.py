@@ -7,20 +7,21 @@ what the app answers without a test failing.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 JSON = "application/json"
 
 
-def ref(name: str) -> Dict[str, str]:
+def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def obj(properties: Dict[str, Any], required: Sequence[str] = (), **extra: Any) -> Dict[str, Any]:
+def obj(properties: dict[str, Any], required: Sequence[str] = (), **extra: Any) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(required), **extra}
 
 
-def nullable(schema: Dict[str, Any]) -> Dict[str, Any]:
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "nullable": True}
 
 
@@ -41,13 +42,13 @@ ERRORS = {
 }
 
 
-def errors(*codes: str) -> Dict[str, Any]:
-    out: Dict[str, Any] = {c: {"$ref": f"#/components/responses/E{c}"} for c in codes}
+def errors(*codes: str) -> dict[str, Any]:
+    out: dict[str, Any] = {c: {"$ref": f"#/components/responses/E{c}"} for c in codes}
     out["default"] = {"$ref": "#/components/responses/Error"}
     return out
 
 
-def ok(schema: Dict[str, Any], description: str = "OK", status: str = "200") -> Dict[str, Any]:
+def ok(schema: dict[str, Any], description: str = "OK", status: str = "200") -> dict[str, Any]:
     return {status: {"description": description, "content": {JSON: {"schema": schema}}}}
 
 
@@ -60,7 +61,7 @@ DATE_RANGE = [
 
 COUNTS = {"model": STRING, "requests": INT, "errors": INT, "prompt_tokens": INT, "completion_tokens": INT}
 
-SCHEMAS: Dict[str, Any] = {
+SCHEMAS: dict[str, Any] = {
     # The gateway's own errors carry all four fields; an upstream's error in OpenAI's shape passes as it came.
     "Error": obj({"error": obj({"message": STRING, "type": STRING, "param": nullable(STRING),
                                 "code": {"nullable": True, "anyOf": [STRING, INT]}}, ["message", "type"])},
@@ -135,13 +136,17 @@ SCHEMAS: Dict[str, Any] = {
                           "model": STRING, "usage": {"type": "object"}}, ["data"]),
 }
 
-SSE = {"text/event-stream": {"schema": {"type": "string"},
+# One event of the stream, as the SSE media type models it (OpenAPI 3.0: `schema` is per event;
+# comments carry no data and are not events). `data` is a chunk's JSON, or [DONE].
+SSE = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+                                 "data": {"type": "string"}, "event": {"type": "string"},
+                                 "id": {"type": "string"}, "retry": {"type": "integer"}}},
                              "description": "With stream: server-sent events, `data: {chunk}` lines, comment lines "
                                             "(`: queued (12s)`) during a cold start, and `data: [DONE]`."}}
 
 
-def _v1_generate(summary: str, request: str, response: str, stream: bool = True) -> Dict[str, Any]:
-    content: Dict[str, Any] = {JSON: {"schema": ref(response)}}
+def _v1_generate(summary: str, request: str, response: str, stream: bool = True) -> dict[str, Any]:
+    content: dict[str, Any] = {JSON: {"schema": ref(response)}}
     if stream:
         content.update(SSE)
     return {"post": {"tags": ["v1"], "summary": summary, "operationId": f"v1_{request}",
@@ -150,7 +155,7 @@ def _v1_generate(summary: str, request: str, response: str, stream: bool = True)
                                    **errors("400", "401", "403", "404", "413", "429", "502", "503", "504")}}}
 
 
-def schema(base_url: str = "/") -> Dict[str, Any]:
+def schema(base_url: str = "/") -> dict[str, Any]:
     """The whole document; ``base_url`` is this site's root as the client sees it."""
     api = {"tags": ["api"]}
     return {

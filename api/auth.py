@@ -3,7 +3,7 @@ or the signed-in session with DRF's CSRF check. ``request.auth`` is the gateway'
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from rest_framework.authentication import BaseAuthentication, SessionAuthentication
 from rest_framework.exceptions import AuthenticationFailed, Throttled
@@ -18,7 +18,7 @@ from gateway.errors import ApiError
 class ApiKeyAuthentication(BaseAuthentication):
     """``Authorization: Bearer cai-...``: the key's user, with the key's own restrictions."""
 
-    def authenticate(self, request: Request) -> Optional[Tuple[Any, Caller]]:
+    def authenticate(self, request: Request) -> tuple[Any, Caller] | None:
         header = request.META.get("HTTP_AUTHORIZATION", "")
         if not header:
             return None
@@ -41,7 +41,7 @@ class ChatSessionAuthentication(SessionAuthentication):
     """The chat and keys pages' session, CSRF-checked for unsafe methods (DRF's own check). A single
     sign-on session whose check with the provider is due counts as signed out, as on /v1."""
 
-    def authenticate(self, request: Request) -> Optional[Tuple[Any, Caller]]:
+    def authenticate(self, request: Request) -> tuple[Any, Caller] | None:
         result = super().authenticate(request)
         if result is None or not session_is_current(request._request.session):
             return None

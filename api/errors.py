@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from django.http import Http404
 from rest_framework import exceptions
@@ -25,7 +25,7 @@ class WiderKey(exceptions.PermissionDenied):
         self.param = param
 
 
-def _first(detail: Any, field: Optional[str] = None) -> Tuple[Optional[str], str, str]:
+def _first(detail: Any, field: str | None = None) -> tuple[str | None, str, str]:
     """The first message of a (nested) validation error: (field, message, code)."""
     if isinstance(detail, dict):
         name, value = next(iter(detail.items()))
@@ -36,13 +36,13 @@ def _first(detail: Any, field: Optional[str] = None) -> Tuple[Optional[str], str
     return field, str(detail), getattr(detail, "code", None) or "invalid"
 
 
-def body(status: int, message: str, code: Optional[str], param: Optional[str] = None) -> Dict[str, Any]:
+def body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": TYPES.get(status, "api_error" if status >= 500 else
                                                           "invalid_request_error"),
                       "param": param, "code": code}}
 
 
-def exception_handler(exc: Exception, context: Dict[str, Any]) -> Optional[Response]:
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF's errors in the /v1 shape; anything unexpected becomes a 500 in that shape, logged without
     the exception's message (it may quote the request)."""
     if isinstance(exc, Http404):
@@ -56,10 +56,11 @@ def exception_handler(exc: Exception, context: Dict[str, Any]) -> Optional[Respo
         code = getattr(detail, "code", None) or exc.default_code
         response = Response(body(exc.status_code, message, code, getattr(exc, "param", None)),
                             status=exc.status_code)
-        if getattr(exc, "auth_header", None):
-            response["WWW-Authenticate"] = exc.auth_header
-        if getattr(exc, "wait", None):
-            response["Retry-After"] = str(max(1, int(round(exc.wait))))
+        auth_header, wait = getattr(exc, "auth_header", None), getattr(exc, "wait", None)
+        if auth_header:
+            response["WWW-Authenticate"] = auth_header
+        if wait:
+            response["Retry-After"] = str(max(1, int(round(wait))))
     else:
         where = "; ".join(f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__))
         request = context.get("request")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Dict, List, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.db.models import Count, Q, QuerySet, Sum
@@ -19,7 +20,7 @@ TOTALS = {"requests": Count("id"), "errors": Count("id", filter=Q(status__gte=40
           "prompt_tokens": Sum("prompt_tokens"), "completion_tokens": Sum("completion_tokens")}
 
 
-def limits_of(caller: Caller) -> List[Dict[str, Any]]:
+def limits_of(caller: Caller) -> list[dict[str, Any]]:
     """Each set of counters the caller's requests count in (the user's; the key's own if it has a
     policy), with its limits and what is left of them now. Nothing is counted by reading."""
     out = []
@@ -29,12 +30,12 @@ def limits_of(caller: Caller) -> List[Dict[str, Any]]:
     return out
 
 
-def models_of(caller: Caller) -> List[Dict[str, Any]]:
+def models_of(caller: Caller) -> list[dict[str, Any]]:
     entries = async_to_sync(registry.visible_models)(caller)
     return [{"id": e.id, "name": e.display_name or e.id, "status": e.status} for e in entries]
 
 
-def _dated(rows: QuerySet[UsageRecord], start: Optional[dt.date], end: Optional[dt.date]) -> QuerySet[UsageRecord]:
+def _dated(rows: QuerySet[UsageRecord], start: dt.date | None, end: dt.date | None) -> QuerySet[UsageRecord]:
     if start is not None:
         rows = rows.filter(created_at__date__gte=start)
     if end is not None:
@@ -42,27 +43,30 @@ def _dated(rows: QuerySet[UsageRecord], start: Optional[dt.date], end: Optional[
     return rows
 
 
-def _totals(row: Dict[str, Any]) -> Dict[str, Any]:
-    return {**row, "prompt_tokens": row["prompt_tokens"] or 0, "completion_tokens": row["completion_tokens"] or 0}
+def _totals(row: Mapping[str, Any], **renamed: str) -> dict[str, Any]:
+    """One row of counts with empty token sums as 0; ``renamed`` maps new names to the row's own."""
+    out = {new: row[old] for new, old in renamed.items()}
+    out.update((k, v) for k, v in row.items() if k not in renamed.values())
+    return {**out, "prompt_tokens": row["prompt_tokens"] or 0, "completion_tokens": row["completion_tokens"] or 0}
 
 
-def usage_of(user: Any, start: Optional[dt.date], end: Optional[dt.date]) -> List[Dict[str, Any]]:
+def usage_of(user: Any, start: dt.date | None, end: dt.date | None) -> list[dict[str, Any]]:
     """The user's requests per model and day (UTC days): counts and tokens."""
     rows = _dated(UsageRecord.objects.filter(user=user), start, end)
     return [_totals(r) for r in rows.annotate(day=TruncDate("created_at")).values("day", "model")
             .annotate(**TOTALS).order_by("day", "model")]
 
 
-def usage_all(start: Optional[dt.date], end: Optional[dt.date]) -> Dict[str, List[Dict[str, Any]]]:
+def usage_all(start: dt.date | None, end: dt.date | None) -> dict[str, list[dict[str, Any]]]:
     """Everyone's requests per user and model, and per group and model (a user in two groups counts in both)."""
     rows = _dated(UsageRecord.objects.all(), start, end)
     per_user = rows.values("user__username", "model").annotate(**TOTALS).order_by("user__username", "model")
     per_group = rows.values("user__groups__name", "model").annotate(**TOTALS).order_by("user__groups__name", "model")
-    return {"by_user": [{"user": r.pop("user__username"), **_totals(r)} for r in per_user],
-            "by_group": [{"group": r.pop("user__groups__name"), **_totals(r)} for r in per_group]}
+    return {"by_user": [_totals(r, user="user__username") for r in per_user],
+            "by_group": [_totals(r, group="user__groups__name") for r in per_group]}
 
 
-async def _platforms() -> List[Dict[str, Any]]:
+async def _platforms() -> list[dict[str, Any]]:
     bridge = get_bridge()
     out = []
     for name in bridge.platforms:
@@ -76,7 +80,7 @@ async def _platforms() -> List[Dict[str, Any]]:
     return out
 
 
-def platforms_state() -> List[Dict[str, Any]]:
+def platforms_state() -> list[dict[str, Any]]:
     """Each platform's link (connections, streams, failures, last error) and its models' status,
     instances, demand (requests running or waiting, which includes those queued in Slurm) and
     Slurm's start estimate for a cold one (seconds; None when unknown)."""

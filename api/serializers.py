@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 from rest_framework import serializers
 
@@ -42,12 +42,12 @@ class DateRangeInput(serializers.Serializer):
 
     to = serializers.DateField(required=False, input_formats=["%Y-%m-%d"])
 
-    def get_fields(self) -> Dict[str, serializers.Field]:
+    def get_fields(self) -> dict[str, serializers.Field]:
         fields = super().get_fields()
         fields["from"] = serializers.DateField(required=False, input_formats=["%Y-%m-%d"])  # a keyword in Python
         return fields
 
-    def validate(self, attrs: Dict[str, Any]) -> Dict[str, Any]:
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs.get("from") and attrs.get("to") and attrs["from"] > attrs["to"]:
             raise serializers.ValidationError({"from": "'from' is after 'to'."})
         return attrs

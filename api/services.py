@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from django.utils import timezone
 from rest_framework.exceptions import ValidationError
@@ -17,8 +18,8 @@ LIMIT_FIELDS = ("requests_per_minute", "requests_per_hour", "requests_per_day", 
                 "tokens_per_day", "parallel_streams")
 
 
-def key_create(*, user: Any, name: str, expires_days: Optional[int], models: Sequence[str],
-               parent: Optional[ApiKey] = None) -> tuple[ApiKey, str]:
+def key_create(*, user: Any, name: str, expires_days: int | None, models: Sequence[str],
+               parent: ApiKey | None = None) -> tuple[ApiKey, str]:
     """A new key of ``user`` and its secret. ``parent``, the key this request came with, bounds the new
     key: its models and expiry are inherited when not given and refused when wider, and the parent's
     own rate-limit policy is copied to the new key."""
@@ -26,7 +27,7 @@ def key_create(*, user: Any, name: str, expires_days: Optional[int], models: Seq
         raise ValidationError({"name": [f"You have {MAX_KEYS_PER_USER} active keys: revoke one first."]},
                               code="too_many_keys")
     expires = timezone.now() + dt.timedelta(days=expires_days) if expires_days else None
-    allowed: List[str] = list(dict.fromkeys(models))
+    allowed: list[str] = list(dict.fromkeys(models))
     if parent is not None:
         if parent.expires_at is not None:
             if expires is None:
@@ -46,7 +47,7 @@ def key_create(*, user: Any, name: str, expires_days: Optional[int], models: Seq
     return key, secret
 
 
-def key_revoke(*, user: Any, prefix: str) -> Optional[ApiKey]:
+def key_revoke(*, user: Any, prefix: str) -> ApiKey | None:
     """Revoke one of the user's own keys; None if the user has no key of that prefix."""
     key = ApiKey.objects.filter(user=user, prefix=prefix).first()
     if key is not None:

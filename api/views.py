@@ -5,9 +5,10 @@ Synchronous DRF views: /api is not the hot path. /v1 stays the lean async front 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from rest_framework import permissions
@@ -18,12 +19,13 @@ from rest_framework.views import APIView
 from api import selectors, services
 from api.openapi import schema
 from api.serializers import DateRangeInput, KeyCreateInput, KeyOutput
+from gateway.caller import Caller
 from gateway.models import ApiKey
 
 
 class MeApi(APIView):
     def get(self, request: Request) -> Response:
-        caller = request.auth
+        caller = cast(Caller, request.auth)  # set by api.authentication, for keys and sessions alike
         user = request.user
         key = caller.key
         return Response({
@@ -36,7 +38,7 @@ class MeApi(APIView):
 
 class KeyListApi(APIView):
     def get(self, request: Request) -> Response:
-        return Response({"data": KeyOutput(ApiKey.objects.filter(user=request.user), many=True).data})
+        return Response({"data": KeyOutput(ApiKey.objects.filter(user=cast(User, request.user)), many=True).data})
 
     def post(self, request: Request) -> Response:
         data = KeyCreateInput(data=request.data)

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -78,7 +78,7 @@ def start_upstream(port: int) -> None:
     time.sleep(0.3)
 
 
-def exec_per_request(sshd: SSHServer, concurrency: int, seconds: float) -> Dict[str, float]:
+def exec_per_request(sshd: SSHServer, concurrency: int, seconds: float) -> dict[str, float]:
     """The reference's design: a fresh exec (channel + session server) for every request."""
     client = paramiko.SSHClient()
     client.load_host_keys(str(sshd.known_hosts))
@@ -88,7 +88,7 @@ def exec_per_request(sshd: SSHServer, concurrency: int, seconds: float) -> Dict[
     transport = client.get_transport()
     assert transport is not None
     transport.sock.setsockopt(6, 1, 1)  # TCP_NODELAY, as the best case for this design
-    latencies: List[float] = []
+    latencies: list[float] = []
     lock = threading.Lock()
     stop = time.monotonic() + seconds
 
@@ -146,7 +146,7 @@ def main() -> int:
     for path in [work, *work.rglob("*")]:
         shutil.chown(path, account.name, account.name)
 
-    results: Dict[str, Any] = {"machine": f"{pyplatform.node()} {os.cpu_count()} cores {pyplatform.machine()}",
+    results: dict[str, Any] = {"machine": f"{pyplatform.node()} {os.cpu_count()} cores {pyplatform.machine()}",
                                "python": pyplatform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
                                "command": "python bench/bridge.py " + " ".join(sys.argv[1:]), "runs": {}}
     with SSHServer(account, work, config) as sshd:
@@ -164,7 +164,7 @@ def main() -> int:
         async def pipe() -> None:
             await plat.request("POST", "/v1/chat/completions", "bench", {"content-type": "application/json"}, BODY)
 
-        async def run_async(level: int) -> Dict[str, Dict[str, float]]:
+        async def run_async(level: int) -> dict[str, dict[str, float]]:
             return {"direct": await load(direct, level, args.seconds), "pipe": await load(pipe, level, args.seconds)}
 
         for level in levels:

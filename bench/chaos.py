@@ -34,9 +34,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -69,12 +70,12 @@ class Outcome:
 
 @dataclass
 class Run:
-    outcomes: List[Outcome] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
     fault_at: float = 0.0
-    recovered_at: Optional[float] = None
+    recovered_at: float | None = None
 
 
-async def stream_once(client: Any, run: Run, repeat: int, extra: Dict[str, Any]) -> None:
+async def stream_once(client: Any, run: Run, repeat: int, extra: dict[str, Any]) -> None:
     out = Outcome(time.monotonic())
     run.outcomes.append(out)
     text, last = "", out.started
@@ -142,7 +143,7 @@ def watch_recovery(stack: Stack, run: Run, until: float) -> None:
         time.sleep(0.5)
 
 
-def summarize(name: str, run: Run) -> Dict[str, Any]:
+def summarize(name: str, run: Run) -> dict[str, Any]:
     before = [o for o in run.outcomes if o.started < run.fault_at]
     after = [o for o in run.outcomes if o.started >= run.fault_at]
     return {
@@ -157,7 +158,7 @@ def summarize(name: str, run: Run) -> Dict[str, Any]:
     }
 
 
-def faults(stack: Stack, outage: float) -> Dict[str, Callable[[], None]]:
+def faults(stack: Stack, outage: float) -> dict[str, Callable[[], None]]:
     def kill_one() -> None:
         stack.cluster.kill_job_processes(stack.ready()[0]["job_id"])
 
@@ -182,8 +183,8 @@ def faults(stack: Stack, outage: float) -> Dict[str, Callable[[], None]]:
     return {"a": kill_one, "b": kill_all, "e": slurm_down, "f": cut_link, "g": kill_server, "c": lose_node}
 
 
-def scenario_runs(args: argparse.Namespace, account: Any, deployment: Path) -> Dict[str, Dict[str, Any]]:
-    results: Dict[str, Dict[str, Any]] = {}
+def scenario_runs(args: argparse.Namespace, account: Any, deployment: Path) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
     wanted = [s for s in "abefgc" if s in args.only]
     if wanted:
         with build_stack(account, deployment) as stack:
@@ -211,7 +212,7 @@ def scenario_runs(args: argparse.Namespace, account: Any, deployment: Path) -> D
     return results
 
 
-def vllm_run(args: argparse.Namespace, account: Any, deployment: Path) -> Optional[Dict[str, Any]]:
+def vllm_run(args: argparse.Namespace, account: Any, deployment: Path) -> dict[str, Any] | None:
     """The real model: its only instance SIGKILLed mid-stream; streams go on once it is replaced."""
     import openai
     from paper import runtime_paths  # the one place that knows the vLLM cache layout
@@ -244,10 +245,10 @@ def vllm_run(args: argparse.Namespace, account: Any, deployment: Path) -> Option
                     (inst,) = h.until(lambda: h.ready("smollm2"), timeout=300, what="vLLM ready")
                     step("vLLM: its only instance SIGKILLed under 4 streaming clients")
 
-                    async def go() -> Dict[str, Any]:
+                    async def go() -> dict[str, Any]:
                         client = openai.AsyncOpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0,
                                                     timeout=600)
-                        outs: List[Outcome] = []
+                        outs: list[Outcome] = []
 
                         async def one() -> None:
                             out = Outcome(time.monotonic())
@@ -300,7 +301,7 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def soak(args: argparse.Namespace, account: Any, deployment: Path) -> Dict[str, Any]:
+def soak(args: argparse.Namespace, account: Any, deployment: Path) -> dict[str, Any]:
     """Many streaming clients for minutes, no fault: errors and daphne's memory after warm-up."""
     import aiohttp
 
@@ -311,8 +312,8 @@ def soak(args: argparse.Namespace, account: Any, deployment: Path) -> Dict[str, 
                            "stub_delay": 0.2, "stub_repeat": 4}).encode()
         headers = {"Authorization": f"Bearer {stack.key}", "Content-Type": "application/json"}
         counts = {"requests": 0, "completed": 0, "errors": 0}
-        errors: List[str] = []
-        rss: Dict[str, int] = {}
+        errors: list[str] = []
+        rss: dict[str, int] = {}
 
         async def go() -> None:
             stop_at = time.monotonic() + args.soak_seconds
@@ -353,7 +354,7 @@ def soak(args: argparse.Namespace, account: Any, deployment: Path) -> Dict[str, 
         return result
 
 
-def write_doc(report: Dict[str, Any]) -> None:
+def write_doc(report: dict[str, Any]) -> None:
     doc = ROOT / "docs" / "reliability.md"
     text = doc.read_text()
     marker_a, marker_b = "<!-- chaos:begin -->", "<!-- chaos:end -->"
@@ -405,7 +406,7 @@ def main() -> None:
     for path in deployment.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
     out = Path(args.out)
-    report: Dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    report: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     command = "python bench/chaos.py " + " ".join(sys.argv[1:])
     report.update({"date": datetime.date.today().isoformat(),
                    "machine": f"{os.cpu_count()} cores, {pyplatform.machine()}, {pyplatform.platform()}",

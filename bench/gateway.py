@@ -35,7 +35,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,13 +77,13 @@ def start_gateway(db: str, redis: bool) -> tuple[LiveApp, str]:
     return app, key
 
 
-async def ttfb(url: str, token: str, concurrency: int, seconds: float) -> Dict[str, float]:
+async def ttfb(url: str, token: str, concurrency: int, seconds: float) -> dict[str, float]:
     """Streaming: time from sending the request to the first ``data:`` event, on keep-alive connections."""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    samples: List[float] = []
+    samples: list[float] = []
     stop = time.monotonic() + seconds
 
     async def worker() -> None:
@@ -124,8 +124,8 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     ensure_tools(not args.no_litellm)
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    procs: List[Any] = []
-    app: Optional[LiveApp] = None
+    procs: list[Any] = []
+    app: LiveApp | None = None
     try:
         backend_port = free_port()
         step("starting the fast backend")
@@ -139,7 +139,7 @@ def main() -> None:
             proc, port = start_litellm({MODEL: (f"http://127.0.0.1:{backend_port}", BACKEND_TOKEN)}, workdir)
             procs.append(proc)
             targets["litellm"] = (f"http://127.0.0.1:{port}", LITELLM_KEY)
-        results: Dict[str, Dict[str, Any]] = {name: {} for name in targets}
+        results: dict[str, dict[str, Any]] = {name: {} for name in targets}
         for name, (url, token) in targets.items():
             wrk(f"{url}/v1/chat/completions", token, 4, 2, workdir, BODY)  # warm up
             for c in levels:
@@ -178,7 +178,7 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def print_table(results: Dict[str, Dict[str, Any]], added: Dict[str, Dict[str, float]], levels: List[int]) -> None:
+def print_table(results: dict[str, dict[str, Any]], added: dict[str, dict[str, float]], levels: list[int]) -> None:
     print(f"\n{'target':<9} {'conc':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p50 added':>10}")
     for name, r in results.items():
         for c in levels:

@@ -16,8 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,7 +45,7 @@ def ensure_tools(litellm: bool) -> None:
         subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"], check=True)
 
 
-def start_litellm(backends: Dict[str, tuple[str, str]], workdir: Path) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
+def start_litellm(backends: dict[str, tuple[str, str]], workdir: Path) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
     """A LiteLLM proxy (1 worker, no database, its master key as the API key: its fastest set-up
     that still checks a key) in front of each model's backend: {model: (base_url, token)}."""
     port = free_port()
@@ -73,7 +73,7 @@ litellm_settings:
 
 
 def wrk(url: str, token: str, concurrency: int, seconds: int, workdir: Path,
-        body: Optional[Dict] = None, timeout: str = "30s") -> Dict[str, float]:
+        body: dict | None = None, timeout: str = "30s") -> dict[str, float]:
     """wrk -t1 against URL (POST with BODY as JSON, or GET), keep-alive; requests/s, p50, p99 in ms."""
     script = workdir / "wrk.lua"
     lines = [f'wrk.headers["Authorization"] = "Bearer {token}"'] if token else []
@@ -100,7 +100,7 @@ def wrk(url: str, token: str, concurrency: int, seconds: int, workdir: Path,
             "errors": int(errors.group(1)) if errors else 0}
 
 
-def summarize(latencies: List[float], seconds: float) -> Dict[str, float]:
+def summarize(latencies: list[float], seconds: float) -> dict[str, float]:
     latencies.sort()
     return {"requests": len(latencies), "rps": round(len(latencies) / seconds, 1),
             "p50_ms": round(statistics.median(latencies) * 1000, 3),
@@ -108,9 +108,9 @@ def summarize(latencies: List[float], seconds: float) -> Dict[str, float]:
             "p99_ms": round(latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000, 3)}
 
 
-async def load(call: Callable[[], Awaitable[None]], concurrency: int, seconds: float) -> Dict[str, float]:
+async def load(call: Callable[[], Awaitable[None]], concurrency: int, seconds: float) -> dict[str, float]:
     """CONCURRENCY workers calling CALL for SECONDS; requests/s and latency percentiles."""
-    latencies: List[float] = []
+    latencies: list[float] = []
     stop = time.monotonic() + seconds
 
     async def worker() -> None:
@@ -126,5 +126,5 @@ async def load(call: Callable[[], Awaitable[None]], concurrency: int, seconds: f
     return summarize(latencies, time.monotonic() - start)
 
 
-def median_of(runs: List[Dict[str, float]]) -> Dict[str, float]:
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}

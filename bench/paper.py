@@ -47,8 +47,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -70,7 +71,7 @@ FAST = "fast-backend"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def runtime_paths() -> Tuple[Path, Path]:
+def runtime_paths() -> tuple[Path, Path]:
     """vLLM's python and the model directory, where scripts/lib.sh (the one place that knows the
     cache layout and versions) puts them; CHATAI_VLLM_PYTHON and CHATAI_MODEL_DIR override."""
     out = subprocess.run(["bash", "-c", 'source scripts/lib.sh && echo "$VLLM_ENV/bin/python" && echo "$SMOLLM2_DIR"'],
@@ -82,13 +83,13 @@ def runtime_paths() -> Tuple[Path, Path]:
 VLLM_PYTHON, MODEL_DIR = runtime_paths()
 
 
-def stats(samples: List[float]) -> Dict[str, float]:
+def stats(samples: list[float]) -> dict[str, float]:
     samples = sorted(samples)
     return {"n": len(samples), "p50_ms": round(statistics.median(samples) * 1000, 3),
             "p90_ms": round(samples[max(0, int(len(samples) * 0.9) - 1)] * 1000, 3)}
 
 
-async def timed(call: Callable[[], Awaitable[Any]], n: int) -> Dict[str, float]:
+async def timed(call: Callable[[], Awaitable[Any]], n: int) -> dict[str, float]:
     await call()  # warm
     samples = []
     for _ in range(n):
@@ -117,12 +118,12 @@ class Stack:
         self.workdir = workdir
         self.account = ensure_functional_account()
         self.deployment = deploy(self.account)
-        self.cluster: Optional[SlurmCluster] = None
-        self.h: Optional[Hpcside] = None
-        self.sshd: Optional[SSHServer] = None
-        self.app: Optional[LiveApp] = None
-        self.procs: List[Any] = []
-        self.platforms: List[Platform] = []
+        self.cluster: SlurmCluster | None = None
+        self.h: Hpcside | None = None
+        self.sshd: SSHServer | None = None
+        self.app: LiveApp | None = None
+        self.procs: list[Any] = []
+        self.platforms: list[Platform] = []
         self.want_litellm = litellm
 
     def start(self) -> Stack:
@@ -208,7 +209,7 @@ async def first_token(session: aiohttp.ClientSession, url: str, token: str) -> f
     async with session.post(f"{url}/v1/chat/completions", json=body,
                             headers={"Authorization": f"Bearer {token}"}) as resp:
         resp.raise_for_status()
-        got: Optional[float] = None
+        got: float | None = None
         async for raw in resp.content:
             line = raw.decode().strip()
             if got is None and line.startswith("data: {"):
@@ -228,8 +229,8 @@ def ssh_command(stack: Stack) -> None:
         raise RuntimeError(f"ssh ping failed: {proc.stderr.decode(errors='replace')}")
 
 
-async def table1(stack: Stack, samples: int) -> Dict[str, Dict[str, float]]:
-    out: Dict[str, Dict[str, float]] = {}
+async def table1(stack: Stack, samples: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
     step(f"Table 1: probe the local bridge ({samples} sequential probes)")
     out["bridge_probe_local"] = await timed(lambda: stack.local.request("GET", "/v1/models"), samples)
     step("Table 1: the SSH command (kept link; and one OpenSSH process per probe)")
@@ -253,7 +254,7 @@ async def table1(stack: Stack, samples: int) -> Dict[str, Dict[str, float]]:
                    "first_token_gateway": (stack.app.url if stack.app else "", stack.key)}
         if stack.litellm_url:
             targets["first_token_litellm"] = (stack.litellm_url, LITELLM_KEY)
-        got: Dict[str, List[float]] = {name: [] for name in targets}
+        got: dict[str, list[float]] = {name: [] for name in targets}
         for url, token in targets.values():
             await first_token(session, url, token)  # warm
         for _ in range(n):
@@ -265,21 +266,21 @@ async def table1(stack: Stack, samples: int) -> Dict[str, Dict[str, float]]:
 
 # -- Table 2 ------------------------------------------------------------------------------
 
-def table2(stack: Stack, seconds: int, levels: List[int]) -> Dict[str, Dict[str, Any]]:
+def table2(stack: Stack, seconds: int, levels: list[int]) -> dict[str, dict[str, Any]]:
     assert stack.app is not None
     app, key, wd = stack.app, stack.key, stack.workdir
     fast_body = {"model": FAST, "messages": QUESTION}
     real_body = {"model": REAL, "messages": QUESTION, "max_tokens": 8, "temperature": 0}
-    out: Dict[str, Dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
 
-    def http(name: str, url: str, token: str, body: Optional[Dict] = None, conc: Optional[List[int]] = None,
+    def http(name: str, url: str, token: str, body: dict | None = None, conc: list[int] | None = None,
              secs: int = seconds) -> None:
         out[name] = {}
         for c in conc or levels:
             step(f"Table 2: {name} at concurrency {c} ({secs} s)")
             out[name][f"c{c}"] = wrk(url, token, c, secs, wd, body)
 
-    def inproc(name: str, call: Callable[[], Awaitable[Any]], conc: List[int], secs: int = seconds) -> None:
+    def inproc(name: str, call: Callable[[], Awaitable[Any]], conc: list[int], secs: int = seconds) -> None:
         out[name] = {}
         for c in conc:
             step(f"Table 2: {name} at concurrency {c} ({secs} s, in-process)")
@@ -290,7 +291,7 @@ def table2(stack: Stack, seconds: int, levels: List[int]) -> Dict[str, Dict[str,
     http("gateway_models", f"{app.url}/v1/models", key)
     inproc("bridge_probe_ssh", lambda: stack.ssh.request("GET", "/v1/models"), [max(levels)])
 
-    async def via_bridge(model: str, body: Dict) -> None:
+    async def via_bridge(model: str, body: dict) -> None:
         head, _ = await stack.ssh.request("POST", "/v1/chat/completions", model,
                                           {"content-type": "application/json"}, json.dumps(body).encode())
         if head.status != 200:
@@ -310,18 +311,18 @@ def table2(stack: Stack, seconds: int, levels: List[int]) -> Dict[str, Dict[str,
     return out
 
 
-def median_table1(runs: List[Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
+def median_table1(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Each row's figures: the median over the runs."""
     return {name: median_of([run[name] for run in runs]) for name in runs[0]}
 
 
-def median_table2(runs: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+def median_table2(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Each component's figures at each concurrency: the median over the runs."""
     return {name: {level: median_of([run[name][level] for run in runs]) for level in levels}
             for name, levels in runs[0].items()}
 
 
-def print_tables(t1: Dict[str, Dict[str, float]], t2: Dict[str, Dict[str, Any]]) -> None:
+def print_tables(t1: dict[str, dict[str, float]], t2: dict[str, dict[str, Any]]) -> None:
     print(f"\nTable 1: latency per hop          {'p50 ms':>9} {'p90 ms':>9} {'n':>5}")
     for name, row in t1.items():
         print(f"  {name:<32} {row['p50_ms']:>9.2f} {row['p90_ms']:>9.2f} {row['n']:>5}")

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,14 +39,14 @@ from hpcside.templates import install_guard  # noqa: E402
 from hpcside.vllm_guard import TokenGuard  # noqa: E402
 
 MODEL = "smol"
-PATHS: List[Tuple[str, str, bytes]] = [
+PATHS: list[tuple[str, str, bytes]] = [
     ("GET", "/health", b""),
     ("GET", "/v1/models", b""),
     ("POST", "/tokenize", json.dumps({"model": MODEL, "prompt": "The capital of France is"}).encode()),
 ]
 
 
-def runtime_paths() -> Tuple[Path, Path]:
+def runtime_paths() -> tuple[Path, Path]:
     out = subprocess.run(["bash", "-c", 'source scripts/lib.sh && echo "$VLLM_ENV/bin/python" && echo "$SMOLLM2_DIR"'],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
     return (Path(os.environ.get("CHATAI_VLLM_PYTHON") or out[0]), Path(os.environ.get("CHATAI_MODEL_DIR") or out[1]))
@@ -90,17 +90,17 @@ def wait_ready(port: int, token: str, proc: subprocess.Popen[bytes], timeout: fl
     raise SystemExit(f"vLLM on port {port} not ready after {timeout:.0f}s")
 
 
-def percentile(values: List[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure_real(ports: Dict[str, int], token: str, n: int) -> Dict[str, Any]:
+def measure_real(ports: dict[str, int], token: str, n: int) -> dict[str, Any]:
     conns = {name: http.client.HTTPConnection("127.0.0.1", port, timeout=30) for name, port in ports.items()}
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for method, path, body in PATHS:
-        times: Dict[str, List[float]] = {name: [] for name in conns}
+        times: dict[str, list[float]] = {name: [] for name in conns}
         for i in range(n + 100):
             for name in (list(conns) if i % 2 else list(conns)[::-1]):  # alternate who goes first
                 conn = conns[name]
@@ -122,7 +122,7 @@ def measure_real(ports: Dict[str, int], token: str, n: int) -> Dict[str, Any]:
     return out
 
 
-def measure_in_process(calls: int) -> Dict[str, Any]:
+def measure_in_process(calls: int) -> dict[str, Any]:
     token = secrets.token_urlsafe(32)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -139,7 +139,7 @@ def measure_in_process(calls: int) -> Dict[str, Any]:
         (b"host", b"node:8000"), (b"content-type", b"application/json"), (b"content-length", b"100"),
         (b"authorization", f"Bearer {token}".encode())]}
 
-    async def batches(target: Any) -> List[float]:
+    async def batches(target: Any) -> list[float]:
         per_call = []
         for _ in range(calls // 1000):
             started = time.perf_counter()

@@ -16,17 +16,19 @@ Everything else (pages, admin, login, /metrics) goes through Django's full stack
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import traceback
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from channels.routing import ProtocolTypeRouter
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import DisallowedHost
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpResponseBase
+from django.http import HttpResponse, HttpResponseBase
 
 from chatai.contenttype import speed_up_twisted_content_type
 from chatai.graceful import draining
@@ -35,9 +37,9 @@ from gateway.errors import ApiError
 
 log = logging.getLogger("chatai.api")
 API_HEADERS = [(b"X-Content-Type-Options", b"nosniff"), (b"Referrer-Policy", b"same-origin")]
-Send = Callable[[Dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[Dict[str, Any]]]
-Route = Callable[[str], Tuple[Callable[..., Any], Dict[str, str]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Route = Callable[[str], tuple[Callable[..., Any], dict[str, str]]]
 
 
 class Disconnected(Exception):
@@ -51,7 +53,7 @@ class ApiApp:
     def __init__(self, route: Route) -> None:
         self.route = route
 
-    async def __call__(self, scope: Dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         try:
             body = await self.read_body(scope, receive)
         except Disconnected:
@@ -59,8 +61,8 @@ class ApiApp:
         except ApiError as exc:
             await self.send_response(exc.response(), send, receive)
             return
-        request = ASGIRequest(scope, _Body(body))
-        request._body = body  # type: ignore[attr-defined]  # what request.body returns, no re-read
+        request = ASGIRequest(scope, io.BytesIO(body))  # in memory, never a temporary file
+        request._body = body  # what request.body returns, no re-read
         try:
             request.get_host()  # ALLOWED_HOSTS, as Django's CommonMiddleware would check it
             view, kwargs = self.route(request.path_info[len("/v1/"):])
@@ -75,13 +77,13 @@ class ApiApp:
                                 code="internal_error").response()
         await self.send_response(response, send, receive)
 
-    async def read_body(self, scope: Dict[str, Any], receive: Receive) -> bytes:
+    async def read_body(self, scope: dict[str, Any], receive: Receive) -> bytes:
         limit = settings.GATEWAY_MAX_BODY
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         too_large = ApiError(413, f"Request body larger than {limit} bytes.", code="payload_too_large")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
-        parts: List[bytes] = []
+        parts: list[bytes] = []
         size = 0
         while True:
             message = await receive()
@@ -96,10 +98,10 @@ class ApiApp:
                 return b"".join(parts)
 
     async def send_response(self, response: HttpResponseBase, send: Send, receive: Receive) -> None:
-        headers: List[Tuple[bytes, bytes]] = [(k.encode("ascii"), v.encode("latin1")) for k, v in response.items()]
+        headers: list[tuple[bytes, bytes]] = [(k.encode("ascii"), v.encode("latin1")) for k, v in response.items()]
         headers += [h for h in API_HEADERS if not response.has_header(h[0].decode())]
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        if not response.streaming:
+        if isinstance(response, HttpResponse):
             await send({"type": "http.response.body", "body": response.content})
             return
         # Forward each part the moment it exists; a client that goes away cancels the stream
@@ -113,7 +115,7 @@ class ApiApp:
             for task in (pump, watcher):
                 task.cancel()
             await asyncio.gather(pump, watcher, return_exceptions=True)
-            close: Optional[Callable[[], Awaitable[None]]] = getattr(content, "aclose", None)
+            close: Callable[[], Awaitable[None]] | None = getattr(content, "aclose", None)
             if close is not None:
                 await close()
 
@@ -127,29 +129,15 @@ class ApiApp:
             pass
 
 
-class _Body:
-    """The request body for ASGIRequest, already in memory (never a temporary file)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def read(self, size: int = -1) -> bytes:
-        data, self.data = (self.data, b"") if size < 0 else (self.data[:size], self.data[size:])
-        return data
-
-    def close(self) -> None:
-        self.data = b""
-
-
 class StaticApp:
     """/static/: the app's own files (chat page, vendored libraries), so the embedded default
     needs no web server in front. A site's reverse proxy may serve ``collectstatic``'s output
     instead. Files are found with Django's static finders and kept in memory (they are few)."""
 
     def __init__(self) -> None:
-        self.files: Dict[str, Tuple[bytes, bytes]] = {}
+        self.files: dict[str, tuple[bytes, bytes]] = {}
 
-    def load(self, rel: str) -> Optional[Tuple[bytes, bytes]]:
+    def load(self, rel: str) -> tuple[bytes, bytes] | None:
         import mimetypes
         from pathlib import Path
 
@@ -165,7 +153,7 @@ class StaticApp:
             self.files[rel] = (Path(found).read_bytes(), kind.encode())
         return self.files[rel]
 
-    async def __call__(self, scope: Dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         rel = scope["path"][len("/static/"):]
         item = self.load(rel) if scope.get("method") in ("GET", "HEAD") else None
         if item is None:
@@ -181,7 +169,7 @@ class StaticApp:
 
 
 def router(site: Any, api: Any, static: Any) -> Callable[..., Awaitable[None]]:
-    async def application(scope: Dict[str, Any], receive: Receive, send: Send) -> None:
+    async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         if path == "/v1" or path.startswith("/v1/"):
             await api(scope, receive, send)

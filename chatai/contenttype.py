@@ -7,7 +7,8 @@ text are answered directly, with the same result; anything else goes to Twisted'
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 COMMON = frozenset({b"application/json", b"text/event-stream", b"text/plain"})
 Parser = Callable[[bytes], bytes]

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest
 
 
-def site(request: HttpRequest) -> Dict[str, Any]:
+def site(request: HttpRequest) -> dict[str, Any]:
     return {"oidc_enabled": settings.OIDC_ENABLED}

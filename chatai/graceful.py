@@ -13,14 +13,15 @@ import logging
 import signal
 import sys
 import time
-from typing import Any, Awaitable, Callable, Dict
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from django.conf import settings
 
 log = logging.getLogger("chatai.graceful")
 
-Receive = Callable[[], Awaitable[Dict[str, Any]]]
-Send = Callable[[Dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Draining:
@@ -31,7 +32,7 @@ class Draining:
         self.stopping_since = 0.0
 
     def wrap(self, app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        async def application(scope: Dict[str, Any], receive: Receive, send: Send) -> None:
+        async def application(scope: dict[str, Any], receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
@@ -47,12 +48,10 @@ class Draining:
         """Take over SIGTERM and SIGINT once daphne's reactor runs (it installs its own first)."""
         if "twisted.internet.reactor" not in sys.modules or "daphne.server" not in sys.modules:
             return  # not under daphne
-        from twisted.internet import reactor
-
-        reactor.callWhenRunning(self._take_signals)
+        _reactor().callWhenRunning(self._take_signals)
 
     def _take_signals(self) -> None:
-        from twisted.internet import reactor
+        reactor = _reactor()
 
         def on_signal(signum: int, _frame: Any) -> None:
             if self.stopping_since:
@@ -64,9 +63,9 @@ class Draining:
         signal.signal(signal.SIGINT, on_signal)
 
     def _begin(self, why: str) -> None:
-        from twisted.internet import reactor
         from twisted.internet.tcp import Port
 
+        reactor = _reactor()
         self.stopping_since = time.monotonic()
         for reader in reactor.getReaders():
             if isinstance(reader, Port):
@@ -76,14 +75,20 @@ class Draining:
         self._check()
 
     def _check(self) -> None:
-        from twisted.internet import reactor
-
+        reactor = _reactor()
         waited = time.monotonic() - self.stopping_since
         if self.inflight <= 0 or waited >= settings.GRACEFUL_STOP_TIMEOUT:
             log.warning("stopping now (%d request(s) in flight after %.1fs)", self.inflight, waited)
             reactor.stop()
         else:
             reactor.callLater(0.1, self._check)
+
+
+def _reactor() -> Any:
+    """Twisted's installed reactor (daphne installs the asyncio one); its module-level name is untyped."""
+    from twisted.internet import reactor
+
+    return reactor
 
 
 draining = Draining()

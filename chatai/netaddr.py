@@ -15,20 +15,19 @@ which must fail closed.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Iterable, Mapping, Optional, Tuple, Union
 
 from django.conf import settings
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Headers that say a proxy stands between the client and us (WSGI/ASGI META names).
 FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_REAL_IP", "HTTP_FORWARDED", "HTTP_X_FORWARDED_PROTO",
                       "HTTP_X_FORWARDED_HOST")
 LOOPBACK = ("127.0.0.1", "::1")
 
 
-@lru_cache(maxsize=32)
-def networks(values: Tuple[str, ...]) -> Tuple[Network, ...]:
+def parse_networks(values: tuple[str, ...]) -> tuple[Network, ...]:
     """Parse addresses or networks ("10.0.0.0/8", "::1"); ValueError names a bad one."""
     parsed = []
     for value in values:
@@ -39,7 +38,10 @@ def networks(values: Tuple[str, ...]) -> Tuple[Network, ...]:
     return tuple(parsed)
 
 
-def parse_ip(text: str) -> Optional[str]:
+networks = lru_cache(maxsize=32)(parse_networks)  # the settings' lists, parsed once per process
+
+
+def parse_ip(text: str) -> str | None:
     """The address in canonical form, or None if ``text`` is not one (ports and brackets removed)."""
     text = text.strip().strip('"')
     if text.startswith("[") and "]" in text:  # [v6]:port
@@ -52,7 +54,7 @@ def parse_ip(text: str) -> Optional[str]:
         return None
 
 
-def in_networks(address: Optional[str], values: Iterable[str]) -> bool:
+def in_networks(address: str | None, values: Iterable[str]) -> bool:
     if not address:
         return False
     ip = ipaddress.ip_address(address)
@@ -64,11 +66,11 @@ def is_forwarded(meta: Mapping[str, str]) -> bool:
     return any(meta.get(name) for name in FORWARDING_HEADERS)
 
 
-def _trusted() -> Tuple[str, ...]:
+def _trusted() -> tuple[str, ...]:
     return tuple(getattr(settings, "TRUSTED_PROXIES", ()) or ())
 
 
-def forwarded_client(meta: Mapping[str, str], trusted: Optional[Iterable[str]] = None) -> Optional[str]:
+def forwarded_client(meta: Mapping[str, str], trusted: Iterable[str] | None = None) -> str | None:
     """The client a trusted proxy named in X-Forwarded-For, or None (peer not trusted, no or bad header)."""
     trusted = tuple(_trusted() if trusted is None else trusted)
     peer = parse_ip(meta.get("REMOTE_ADDR", ""))
@@ -83,12 +85,12 @@ def forwarded_client(meta: Mapping[str, str], trusted: Optional[Iterable[str]] =
     return hops[0]  # every hop is a trusted proxy: the first of them made the request
 
 
-def client_address(meta: Mapping[str, str], trusted: Optional[Iterable[str]] = None) -> str:
+def client_address(meta: Mapping[str, str], trusted: Iterable[str] | None = None) -> str:
     """The client's address as well as it is known: the forwarded one from a trusted proxy, else the peer."""
     return forwarded_client(meta, trusted) or parse_ip(meta.get("REMOTE_ADDR", "")) or ""
 
 
-def known_client_address(meta: Mapping[str, str], trusted: Optional[Iterable[str]] = None) -> Optional[str]:
+def known_client_address(meta: Mapping[str, str], trusted: Iterable[str] | None = None) -> str | None:
     """The client's address when it can be trusted; None for a forwarded request whose client is
     unknown (the peer is not a trusted proxy, or the proxy did not say)."""
     if is_forwarded(meta):

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -34,12 +35,12 @@ from mozilla_django_oidc.auth import OIDCAuthenticationBackend
 log = logging.getLogger("chatai.oidc")
 
 
-def claim_groups(claims: Dict[str, Any]) -> List[str]:
+def claim_groups(claims: dict[str, Any]) -> list[str]:
     """The Django group names the claims give, in order, without duplicates."""
     raw = claims.get(settings.OIDC_GROUPS_CLAIM) or []
     if isinstance(raw, str):
         raw = [raw]
-    names: List[str] = []
+    names: list[str] = []
     for value in raw:
         if not isinstance(value, str) or not value:
             continue
@@ -59,12 +60,12 @@ def email_verified(claims: Mapping[str, Any]) -> bool:
     return value is True or (isinstance(value, str) and value.lower() == "true")
 
 
-class Backend(OIDCAuthenticationBackend):  # type: ignore[misc]
-    def username_of(self, claims: Dict[str, Any]) -> str:
+class Backend(OIDCAuthenticationBackend):
+    def username_of(self, claims: dict[str, Any]) -> str:
         value = claims.get(settings.OIDC_USERNAME_CLAIM)
         return value.strip() if isinstance(value, str) else ""
 
-    def verify_claims(self, claims: Dict[str, Any]) -> bool:
+    def verify_claims(self, claims: dict[str, Any]) -> bool:
         name = settings.OIDC_USERNAME_CLAIM
         if not self.username_of(claims) or len(self.username_of(claims)) > 150:
             log.warning("OIDC login refused: the claim %r is missing or too long", name)
@@ -74,26 +75,26 @@ class Backend(OIDCAuthenticationBackend):  # type: ignore[misc]
             return False
         return True
 
-    def filter_users_by_claims(self, claims: Dict[str, Any]) -> Any:
+    def filter_users_by_claims(self, claims: dict[str, Any]) -> Any:
         # Only accounts single sign-on made (no usable password): never a local account of that name.
         users = self.UserModel.objects.filter(username=self.username_of(claims))
         return [user for user in users if not user.has_usable_password()]
 
-    def get_user(self, user_id: Any) -> Optional[Any]:
+    def get_user(self, user_id: Any) -> Any | None:
         """The session's user, or None (signed out) once disabled in the admin."""
         user = super().get_user(user_id)
         return user if user is not None and user.is_active else None
 
-    def describe_user_by_claims(self, claims: Dict[str, Any]) -> str:
+    def describe_user_by_claims(self, claims: dict[str, Any]) -> str:
         return f"{settings.OIDC_USERNAME_CLAIM} {self.username_of(claims)}"
 
-    def create_user(self, claims: Dict[str, Any]) -> Any:
+    def create_user(self, claims: dict[str, Any]) -> Any:
         if self.UserModel.objects.filter(username=self.username_of(claims)).exists():
             raise SuspiciousOperation("a local account has this name")  # the login fails; nothing is taken over
         user = self.UserModel.objects.create_user(self.username_of(claims), email=claims.get("email") or "")
         return self.update_user(user, claims)
 
-    def update_user(self, user: Any, claims: Dict[str, Any]) -> Any:
+    def update_user(self, user: Any, claims: dict[str, Any]) -> Any:
         with transaction.atomic():
             user.email = claims.get("email") or user.email
             user.first_name = (claims.get("given_name") or user.first_name)[:150]

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class MemoryBody(io.BytesIO):

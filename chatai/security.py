@@ -8,7 +8,7 @@ blocked by font-src and img-src). Form posts may also go to the SSO provider (it
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from django.conf import settings

@@ -278,7 +278,7 @@ METRICS_ALLOWED_IPS = envlist("METRICS_ALLOWED_IPS")
 # Reverse proxies whose X-Forwarded-For names the client (chatai.netaddr), e.g. 127.0.0.1 for
 # nginx on this machine. Empty: no forwarded address is believed.
 TRUSTED_PROXIES = envlist("TRUSTED_PROXIES")
-netaddr.networks(tuple(TRUSTED_PROXIES + METRICS_ALLOWED_IPS))  # a typo fails at start, naming the value
+netaddr.parse_networks(tuple(TRUSTED_PROXIES + METRICS_ALLOWED_IPS))  # a typo fails at start, naming the value
 # Behind a TLS proxy that sets X-Forwarded-Proto (docs/deploy.md), e.g. SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto:
 # requests it marks https are https (redirect URIs, secure cookies). Only where every request passes that proxy.
 if env("SECURE_PROXY_SSL_HEADER"):

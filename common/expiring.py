@@ -8,7 +8,8 @@ dict gives: two threads may both load a missing entry, and the last one wins (lo
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Generic, Hashable, Optional, Tuple, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -21,14 +22,14 @@ class Expiring(Generic[K, V]):
     def __init__(self, ttl: Callable[[], float], max_size: int = 100_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl, self.max_size, self.clock = ttl, max_size, clock
-        self.data: Dict[K, Tuple[float, V]] = {}
+        self.data: dict[K, tuple[float, V]] = {}
 
-    def get(self, key: K) -> Optional[V]:
+    def get(self, key: K) -> V | None:
         """The live value, or None."""
         item = self.data.get(key)
         return item[1] if item is not None and item[0] > self.clock() else None
 
-    def stale(self, key: K) -> Optional[V]:
+    def stale(self, key: K) -> V | None:
         """The value even if it expired (to show what was last known), or None."""
         item = self.data.get(key)
         return item[1] if item is not None else None

@@ -10,13 +10,12 @@ standard-library only and imports nothing from here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
 
 
 class UpstreamError(Exception):
     """A request failed upstream; ``status``/``code``/``message`` are safe to show to the API client."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: Optional[float] = None) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
 
@@ -24,7 +23,7 @@ class UpstreamError(Exception):
 @dataclass(frozen=True)
 class Head:
     status: int
-    headers: Dict[str, str]
+    headers: dict[str, str]
     instance: str = ""
 
 
@@ -35,4 +34,4 @@ class Progress:
     elapsed: float
 
 
-Event = Union[Head, Progress, bytes]
+Event = Head | Progress | bytes

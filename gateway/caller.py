@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, FrozenSet, List, Optional, Tuple
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user
@@ -33,17 +33,17 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 @dataclass(frozen=True)
 class Caller:
     user: Any
-    key: Optional[ApiKey]
-    group_ids: FrozenSet[int]
+    key: ApiKey | None
+    group_ids: frozenset[int]
     limits: Limits  # the user's, for all their keys and the chat page together
-    key_limits: Optional[Limits] = None  # the key's own policy, on top of the user's
+    key_limits: Limits | None = None  # the key's own policy, on top of the user's
 
     @property
     def subject(self) -> str:
         """The user's counters: one set per user, whichever key or session calls."""
         return f"u{self.user.pk}"
 
-    def buckets(self) -> List[Tuple[str, Limits]]:
+    def buckets(self) -> list[tuple[str, Limits]]:
         """Every set of counters a request of this caller counts in: the user's, and the key's own."""
         out = [(self.subject, self.limits)]
         if self.key is not None and self.key_limits is not None:
@@ -51,7 +51,7 @@ class Caller:
         return out
 
 
-def _complete(user: Any, key: Optional[ApiKey]) -> Caller:
+def _complete(user: Any, key: ApiKey | None) -> Caller:
     groups = group_ids_of(user)
     return Caller(user, key, groups, user_limits_for(user, groups), key_limits_for(key))
 
@@ -94,14 +94,14 @@ def caller_by_user(user: Any) -> Caller:
     return _complete(user, None)
 
 
-def _by_session(request: HttpRequest, address: str) -> Optional[Caller]:
+def _by_session(request: HttpRequest, address: str) -> Caller | None:
     close_old_connections()
     wait = limiter.auth_blocked_sync(address, settings.GATEWAY_AUTH_FAILURES_PER_MINUTE)
     if wait:
         raise _refused(wait)
-    request.session = import_module(settings.SESSION_ENGINE).SessionStore(  # type: ignore[attr-defined]
+    request.session = import_module(settings.SESSION_ENGINE).SessionStore(
         request.COOKIES[settings.SESSION_COOKIE_NAME])
-    user = get_user(request)  # type: ignore[arg-type]
+    user = get_user(request)
     if not user.is_authenticated or not session_is_current(request.session):
         return None  # signed out, disabled, or single sign-on's check with the provider is due
     return _complete(user, None)
@@ -109,8 +109,8 @@ def _by_session(request: HttpRequest, address: str) -> Optional[Caller]:
 
 def csrf_passes(request: HttpRequest) -> bool:
     """Whether the chat page's unsafe request proves it comes from our page (Django's CSRF check)."""
-    check = CsrfViewMiddleware(lambda r: HttpResponse())  # type: ignore[arg-type]
-    return check.process_view(request, None, (), {}) is None
+    check = CsrfViewMiddleware(lambda r: HttpResponse())
+    return check.process_view(request, lambda r: HttpResponse(), (), {}) is None  # the view is never called
 
 
 async def caller_of(request: HttpRequest) -> Caller:

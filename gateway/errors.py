@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any
 
 from django.http import JsonResponse
 
@@ -15,8 +15,8 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
-                 retry_after: Optional[float] = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.retry_after = retry_after
@@ -37,7 +37,7 @@ class ApiError(Exception):
         return resp
 
 
-def upstream_error(status: int, body: bytes) -> Dict[str, Any]:
+def upstream_error(status: int, body: bytes) -> dict[str, Any]:
     """An upstream's error reply in OpenAI's shape, whatever shape it came in. An error already in that
     shape ({"error": {"message": ...}}) passes as it is (with a type if it had none); vLLM's older
     top-level one, FastAPI's ``{"detail": ...}``, ``{"error": "text"}`` or plain text are rewritten,
@@ -51,7 +51,7 @@ def upstream_error(status: int, body: bytes) -> Dict[str, Any]:
         if not isinstance(inner.get("type"), str):
             inner = {**inner, "type": TYPES.get(status, "api_error")}
         return {"error": inner}
-    source: Dict[str, Any] = inner if isinstance(inner, dict) else data if isinstance(data, dict) else {}
+    source: dict[str, Any] = inner if isinstance(inner, dict) else data if isinstance(data, dict) else {}
     message = source.get("message")
     if not isinstance(message, str) or not message:
         detail = inner if isinstance(inner, str) else source.get("detail")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Dict, Union
 
 import aiohttp
 
@@ -20,7 +20,7 @@ from common.upstream import Head, UpstreamError
 
 log = logging.getLogger("gateway.external")
 PASS_HEADERS = ("content-type", "openai-processing-ms", "x-request-id", "retry-after")
-_sessions: Dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+_sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def session() -> aiohttp.ClientSession:
     return current
 
 
-async def stream(provider: Provider, endpoint: str, body: bytes, request_id: str) -> AsyncIterator[Union[Head, bytes]]:
+async def stream(provider: Provider, endpoint: str, body: bytes, request_id: str) -> AsyncIterator[Head | bytes]:
     """Yield the provider's Head, then its body as it arrives (like ``Platform.stream``)."""
     key = env(provider.key_env) if provider.key_env else ""
     if provider.key_env and not key:
@@ -66,7 +66,7 @@ async def stream(provider: Provider, endpoint: str, body: bytes, request_id: str
             yield Head(resp.status, {k.lower(): v for k, v in resp.headers.items() if k.lower() in PASS_HEADERS})
             async for chunk in resp.content.iter_any():
                 yield chunk
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UpstreamError(504, "upstream_timeout", f"The provider of `{provider.model_id}` did not answer in time.",
                           retry_after=5) from None
     except aiohttp.ClientError as exc:

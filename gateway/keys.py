@@ -7,10 +7,10 @@ import functools
 import hashlib
 import hmac
 import secrets
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.cache import caches
 from django.db import connection
 from django.utils import timezone
@@ -26,7 +26,7 @@ def hash_secret(secret: str) -> str:
     return hmac.new(settings.API_KEY_PEPPER.encode(), secret.encode(), hashlib.sha256).hexdigest()
 
 
-def api_key_create(*, user: AbstractBaseUser, name: str, expires_at: Optional[dt.datetime] = None,
+def api_key_create(*, user: User, name: str, expires_at: dt.datetime | None = None,
                    allowed_models: Sequence[str] = ()) -> tuple[ApiKey, str]:
     """The new key and its full secret, which is shown once and never stored."""
     prefix = secrets.token_hex(6)
@@ -37,7 +37,7 @@ def api_key_create(*, user: AbstractBaseUser, name: str, expires_at: Optional[dt
     return key, f"{KEY_PREFIX}{prefix}.{secret}"
 
 
-def split_key(raw: str) -> Optional[tuple[str, str]]:
+def split_key(raw: str) -> tuple[str, str] | None:
     if not raw.startswith(KEY_PREFIX) or len(raw) > 200:
         return None
     prefix, sep, secret = raw[len(KEY_PREFIX):].partition(".")
@@ -58,14 +58,16 @@ def _unknown(prefix: str) -> str:
 def _state_sql() -> str:
     q = connection.ops.quote_name
     key_table, user_model = ApiKey._meta.db_table, ApiKey._meta.get_field("user").related_model
-    user_table, user_pk = user_model._meta.db_table, user_model._meta.pk.column  # type: ignore[union-attr]
+    user_table, user_pk = user_model._meta.db_table, user_model._meta.pk.column
+    if user_pk is None:
+        raise RuntimeError("the user model has no primary key column")
     # Identifiers come from the models' metadata, quoted; the one value is a parameter.
     return (f"SELECT {q(key_table)}.{q('revoked_at')} IS NULL, {q(user_table)}.{q('is_active')} "  # noqa: S608
             f"FROM {q(key_table)} JOIN {q(user_table)} ON {q(user_table)}.{q(user_pk)} = "
             f"{q(key_table)}.{q(ApiKey._meta.get_field('user').column)} WHERE {q(key_table)}.{q('id')} = %s")
 
 
-def _fetch(prefix: str) -> Optional[ApiKey]:
+def _fetch(prefix: str) -> ApiKey | None:
     """The key with its user. The object is kept for GATEWAY_POLICY_TTL seconds; what must apply
     at once (revocation, deletion, a disabled account) is re-read on every call with one plain query."""
     key = _keys.get(prefix)
@@ -92,7 +94,7 @@ def _fetch(prefix: str) -> Optional[ApiKey]:
     return _keys.put(prefix, key)
 
 
-def api_key_authenticate(raw: str) -> Optional[ApiKey]:
+def api_key_authenticate(raw: str) -> ApiKey | None:
     """The key for ``raw`` with its user, or None (unknown or wrong secret: both look alike). Sync."""
     parts = split_key(raw)
     if parts is None:

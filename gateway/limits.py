@@ -17,8 +17,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Awaitable, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Any
 
 from django.conf import settings
 from django.core.cache import caches
@@ -35,12 +36,12 @@ RENEW_EVERY = 30.0  # how often this worker renews the leases of its running str
 
 @dataclass(frozen=True)
 class Limits:
-    requests_per_minute: Optional[int] = None
-    requests_per_hour: Optional[int] = None
-    requests_per_day: Optional[int] = None
-    tokens_per_minute: Optional[int] = None
-    tokens_per_day: Optional[int] = None
-    parallel_streams: Optional[int] = None
+    requests_per_minute: int | None = None
+    requests_per_hour: int | None = None
+    requests_per_day: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    parallel_streams: int | None = None
 
     @classmethod
     def from_mapping(cls, data: Any) -> Limits:
@@ -51,29 +52,29 @@ class Limits:
 @dataclass
 class Decision:
     allowed: bool
-    headers: Dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
     retry_after: float = 0.0
     reason: str = ""
     subject: str = ""  # whose limit refused
 
 
-_policies: Expiring[str, List[Any]] = Expiring(lambda: settings.GATEWAY_POLICY_TTL)
-_groups: Expiring[int, FrozenSet[int]] = Expiring(lambda: settings.GATEWAY_POLICY_TTL, max_size=50_000)
+_policies: Expiring[str, list[Any]] = Expiring(lambda: settings.GATEWAY_POLICY_TTL)
+_groups: Expiring[int, frozenset[int]] = Expiring(lambda: settings.GATEWAY_POLICY_TTL, max_size=50_000)
 
 
-def policies() -> List[Any]:
+def policies() -> list[Any]:
     """Every rate-limit policy (a short table), re-read at most every GATEWAY_POLICY_TTL seconds. Sync."""
     from gateway.models import RateLimitPolicy
 
     return _policies.get_or_load("", lambda: list(RateLimitPolicy.objects.all()))
 
 
-def group_ids_of(user: Any) -> FrozenSet[int]:
+def group_ids_of(user: Any) -> frozenset[int]:
     """The user's groups, re-read at most every GATEWAY_POLICY_TTL seconds. Sync."""
     return _groups.get_or_load(user.pk, lambda: frozenset(user.groups.values_list("pk", flat=True)))
 
 
-def key_limits_for(key: Any) -> Optional[Limits]:
+def key_limits_for(key: Any) -> Limits | None:
     """The key's own policy, an extra limit on top of its user's; None without one. Sync."""
     if key is not None:
         for policy in policies():
@@ -82,7 +83,7 @@ def key_limits_for(key: Any) -> Optional[Limits]:
     return None
 
 
-def user_limits_for(user: Any, group_ids: FrozenSet[int]) -> Limits:
+def user_limits_for(user: Any, group_ids: frozenset[int]) -> Limits:
     """The user's limits, for all their keys and the chat page together: the user's policy, else
     the most generous of the user's groups', else the defaults. Sync (it may re-read the policies)."""
     rules = policies()
@@ -92,7 +93,7 @@ def user_limits_for(user: Any, group_ids: FrozenSet[int]) -> Limits:
     group_policies = [Limits.from_mapping(p) for p in rules
                       if p.group_id in group_ids and p.user_id is None and p.api_key_id is None]
     if group_policies:
-        def generous(name: str) -> Optional[int]:
+        def generous(name: str) -> int | None:
             values = [getattr(p, name) for p in group_policies]
             return None if any(v is None for v in values) else max(values)
 
@@ -109,11 +110,11 @@ class Counters:
     """
 
     def __init__(self) -> None:
-        self.data: Dict[str, tuple[int, float]] = {}
+        self.data: dict[str, tuple[int, float]] = {}
         self.lock = threading.Lock()
         self.sweep_at = 0.0
 
-    def _live(self, key: str, now: float) -> Optional[tuple[int, float]]:
+    def _live(self, key: str, now: float) -> tuple[int, float] | None:
         item = self.data.get(key)
         return item if item is not None and item[1] > now else None
 
@@ -149,7 +150,7 @@ class LocalLeases:
     """Parallel-stream leases of one worker, in process (the local-memory default)."""
 
     def __init__(self) -> None:
-        self.data: Dict[str, Dict[str, float]] = {}  # key -> {lease id: expiry}
+        self.data: dict[str, dict[str, float]] = {}  # key -> {lease id: expiry}
         self.lock = threading.Lock()
 
     def take(self, key: str, lease: str, limit: int, now: float) -> bool:
@@ -162,7 +163,7 @@ class LocalLeases:
             self.data[key] = held
             return True
 
-    def renew(self, items: List[Tuple[str, str]], now: float) -> None:
+    def renew(self, items: list[tuple[str, str]], now: float) -> None:
         with self.lock:
             for key, lease in items:
                 held = self.data.get(key)
@@ -212,7 +213,7 @@ return 1
             self.script = client.register_script(self.TAKE)
         return bool(self.script(keys=[name], args=[now, limit, now + LEASE, lease, int(2 * LEASE)], client=client))
 
-    def renew(self, items: List[Tuple[str, str]], now: float) -> None:
+    def renew(self, items: list[tuple[str, str]], now: float) -> None:
         if not items:
             return
         names = [(self.cache.make_and_validate_key(key), lease) for key, lease in items]
@@ -238,7 +239,7 @@ def leases_for(cache: Any) -> Any:
     return LocalLeases()
 
 
-Bucket = Tuple[str, Limits]  # (subject, limits): one set of counters
+Bucket = tuple[str, Limits]  # (subject, limits): one set of counters
 
 
 class Limiter:
@@ -250,9 +251,9 @@ class Limiter:
         self.cache: Any = Counters() if isinstance(cache, LocMemCache) else cache
         self.leases: Any = leases_for(self.cache)
         self.clock = clock
-        self.held: Set[Tuple[str, str]] = set()  # this worker's running streams' leases
+        self.held: set[tuple[str, str]] = set()  # this worker's running streams' leases
         self.held_lock = threading.Lock()
-        self.renewer: Optional[asyncio.Task[None]] = None
+        self.renewer: asyncio.Task[None] | None = None
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
         if self.inline:
@@ -263,12 +264,12 @@ class Limiter:
         """Count one request and take one parallel slot (``lease`` names it), or refuse without counting."""
         return (await self.acquire_all([(subject, limits)], lease))[0]
 
-    async def acquire_all(self, buckets: List[Bucket], lease: str = "") -> Tuple[Decision, List[Bucket]]:
+    async def acquire_all(self, buckets: list[Bucket], lease: str = "") -> tuple[Decision, list[Bucket]]:
         """Count the request in every bucket, in one hop; refused by any, it counts in none."""
         buckets = [b for b in buckets if b[1] != NO_LIMITS]
         if not buckets:
             return Decision(True), []
-        result: Tuple[Decision, List[Bucket]] = await self._run(self.acquire_all_sync, buckets, lease)
+        result: tuple[Decision, list[Bucket]] = await self._run(self.acquire_all_sync, buckets, lease)
         if result[0].allowed and any(limits.parallel_streams is not None for _, limits in buckets):
             self._keep_renewing()
         return result
@@ -282,7 +283,7 @@ class Limiter:
         """The request ended: free its parallel slot and count its tokens."""
         await self.release_all([(subject, limits)], tokens, lease)
 
-    async def release_all(self, buckets: List[Bucket], tokens: int, lease: str = "") -> None:
+    async def release_all(self, buckets: list[Bucket], tokens: int, lease: str = "") -> None:
         if any(limits.parallel_streams is not None or (tokens > 0 and (limits.tokens_per_minute is not None
                                                                        or limits.tokens_per_day is not None))
                for _, limits in buckets):
@@ -299,9 +300,9 @@ class Limiter:
             self.cache.add(key, 0, ttl)
             return int(self.cache.incr(key, by))
 
-    def acquire_all_sync(self, buckets: List[Bucket], lease: str) -> Tuple[Decision, List[Bucket]]:
-        taken: List[Bucket] = []
-        headers: Dict[str, str] = {}
+    def acquire_all_sync(self, buckets: list[Bucket], lease: str) -> tuple[Decision, list[Bucket]]:
+        taken: list[Bucket] = []
+        headers: dict[str, str] = {}
         for subject, limits in buckets:
             decision = self.acquire_sync(subject, limits, lease)
             if not decision.allowed:
@@ -315,8 +316,8 @@ class Limiter:
 
     def acquire_sync(self, subject: str, limits: Limits, lease: str = "") -> Decision:
         now = self.clock()
-        headers: Dict[str, str] = {}
-        taken: List[str] = []
+        headers: dict[str, str] = {}
+        taken: list[str] = []
         for window, limit in (("minute", limits.requests_per_minute), ("hour", limits.requests_per_hour),
                               ("day", limits.requests_per_day)):
             if limit is None:
@@ -354,10 +355,10 @@ class Limiter:
                 self.held.add((key, lease))
         return Decision(True, headers)
 
-    def peek_sync(self, subject: str, limits: Limits) -> Dict[str, Dict[str, Any]]:
+    def peek_sync(self, subject: str, limits: Limits) -> dict[str, dict[str, Any]]:
         """What is used and left of each limit now, read without counting anything (for /api/me)."""
         now = self.clock()
-        out: Dict[str, Dict[str, Any]] = {}
+        out: dict[str, dict[str, Any]] = {}
         for what, window, limit in (("requests", "minute", limits.requests_per_minute),
                                     ("requests", "hour", limits.requests_per_hour),
                                     ("requests", "day", limits.requests_per_day),
@@ -374,7 +375,7 @@ class Limiter:
                                        "remaining": max(0, limits.parallel_streams - used), "reset_seconds": None}
         return out
 
-    def _undo(self, keys: List[str]) -> None:
+    def _undo(self, keys: list[str]) -> None:
         for key in keys:
             try:
                 self.cache.decr(key)
@@ -388,7 +389,7 @@ class Limiter:
             ("day", limits.requests_per_day)) if limit is not None])
         self.release_sync(subject, limits, 0, lease)
 
-    def release_all_sync(self, buckets: List[Bucket], tokens: int, lease: str) -> None:
+    def release_all_sync(self, buckets: list[Bucket], tokens: int, lease: str) -> None:
         for subject, limits in buckets:
             self.release_sync(subject, limits, tokens, lease)
 
@@ -440,7 +441,7 @@ class Limiter:
         return WINDOWS["minute"] - now % WINDOWS["minute"] if count > limit else 0.0
 
 
-def tighter(a: Dict[str, str], b: Dict[str, str]) -> Dict[str, str]:
+def tighter(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
     """Rate headers of two buckets: per kind (requests, tokens), those of the one with less left."""
     out = dict(a)
     for kind in ("requests", "tokens"):

@@ -6,7 +6,8 @@ Each worker process exports its own numbers; scrape every worker (they are separ
 from __future__ import annotations
 
 import hmac
-from typing import Any, Dict, Iterator, List
+from collections.abc import Iterator
+from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -70,7 +71,7 @@ class LinkStateCollector(Collector):
         yield from (up, conns, streams, slurm, instances, models, demand)
 
 
-def known_models(platform: str) -> List[Dict[str, Any]]:
+def known_models(platform: str) -> list[dict[str, Any]]:
     """The platform's models as the gateway last read them (its /v1/models cache): no request at scrape time."""
     from gateway.registry import platform_lists
 

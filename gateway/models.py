@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
@@ -30,7 +32,7 @@ class ApiKey(models.Model):
     def __str__(self) -> str:
         return f"{self.name} (cai-{self.prefix}…)"
 
-    def is_active(self, now: object = None) -> bool:
+    def is_active(self, now: datetime.datetime | None = None) -> bool:
         now = now or timezone.now()
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 

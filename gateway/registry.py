@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections
@@ -22,8 +22,8 @@ from hpcbridge.registry import get_bridge
 
 STATUS_ORDER = {"ready": 0, "starting": 1, "queued": 2, "backoff": 3, "failed": 4, "offline": 5}
 # Each platform's /v1/models and the admin overlay, re-read at most every GATEWAY_MODELS_TTL seconds.
-platform_lists: Expiring[str, List[Dict[str, Any]]] = Expiring(lambda: settings.GATEWAY_MODELS_TTL)
-_overlays: Expiring[str, List[ModelOverlay]] = Expiring(lambda: settings.GATEWAY_MODELS_TTL)
+platform_lists: Expiring[str, list[dict[str, Any]]] = Expiring(lambda: settings.GATEWAY_MODELS_TTL)
+_overlays: Expiring[str, list[ModelOverlay]] = Expiring(lambda: settings.GATEWAY_MODELS_TTL)
 
 
 @dataclass
@@ -33,22 +33,22 @@ class ModelEntry:
     status: str
     demand: int = 0
     instances: int = 0
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
     display_name: str = ""
     description: str = ""
-    group_ids: Tuple[int, ...] = ()
-    provider: Optional[Provider] = None  # an external OpenAI-compatible provider instead of a platform
-    limits: Optional[Limits] = None  # per user (or key) for this model, from the overlay
+    group_ids: tuple[int, ...] = ()
+    provider: Provider | None = None  # an external OpenAI-compatible provider instead of a platform
+    limits: Limits | None = None  # per user (or key) for this model, from the overlay
     limits_id: str = ""
-    offers: Tuple[Offer, ...] = ()  # every platform offering the model (hpcbridge.failover ranks them)
+    offers: tuple[Offer, ...] = ()  # every platform offering the model (hpcbridge.failover ranks them)
 
-    def as_openai(self) -> Dict[str, Any]:
+    def as_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "model", "created": 0, "owned_by": self.platform,
                 "name": self.display_name or self.id, "description": self.description, "status": self.status,
                 "demand": self.demand, "instances": self.instances, "max_model_len": self.max_model_len}
 
 
-async def platform_models(name: str) -> List[Dict[str, Any]]:
+async def platform_models(name: str) -> list[dict[str, Any]]:
     models = platform_lists.get(name)
     if models is not None:
         return models
@@ -61,12 +61,12 @@ async def platform_models(name: str) -> List[Dict[str, Any]]:
     return platform_lists.put(name, models)
 
 
-def _load_overlays() -> List[ModelOverlay]:
+def _load_overlays() -> list[ModelOverlay]:
     close_old_connections()
     return list(ModelOverlay.objects.prefetch_related("groups"))
 
 
-async def overlays() -> List[ModelOverlay]:
+async def overlays() -> list[ModelOverlay]:
     """The admin overlay, re-read at most every GATEWAY_MODELS_TTL seconds (like the platforms' lists)."""
     current = _overlays.get("")
     if current is None:
@@ -74,8 +74,8 @@ async def overlays() -> List[ModelOverlay]:
     return current
 
 
-async def all_models() -> Dict[str, ModelEntry]:
-    entries: Dict[str, ModelEntry] = {}
+async def all_models() -> dict[str, ModelEntry]:
+    entries: dict[str, ModelEntry] = {}
     for name in get_bridge().platforms:
         for m in await platform_models(name):
             estimate = m.get("start_estimate")
@@ -118,7 +118,7 @@ def may_use(entry: ModelEntry, caller: Caller) -> bool:
     return not entry.group_ids or caller.user.is_superuser or bool(caller.group_ids & set(entry.group_ids))
 
 
-async def visible_models(caller: Caller) -> List[ModelEntry]:
+async def visible_models(caller: Caller) -> list[ModelEntry]:
     return [e for e in (await all_models()).values() if may_use(e, caller)]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from gateway.errors import upstream_error
 from hpcside.sse import split_events
@@ -23,7 +23,7 @@ CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and BPE tokenize
 
 # -- reading events --------------------------------------------------------------------------
 
-def event_object(block: bytes) -> Optional[Dict[str, Any]]:
+def event_object(block: bytes) -> dict[str, Any] | None:
     """The JSON object of a ``data: {...}`` event (without its blank line); None for a comment,
     ``[DONE]``, a payload that is not a JSON object, or anything else."""
     if not block.startswith(b"data:"):
@@ -38,7 +38,7 @@ def event_object(block: bytes) -> Optional[Dict[str, Any]]:
     return obj if isinstance(obj, dict) else None
 
 
-def text_size(obj: Dict[str, Any]) -> int:
+def text_size(obj: dict[str, Any]) -> int:
     """Characters of text in a streamed event (chat delta content or reasoning, completion text)."""
     size = 0
     for choice in obj.get("choices") or ():
@@ -52,7 +52,7 @@ def text_size(obj: Dict[str, Any]) -> int:
     return size
 
 
-def is_usage_only(obj: Dict[str, Any]) -> bool:
+def is_usage_only(obj: dict[str, Any]) -> bool:
     """The final chunk that ``stream_options.include_usage`` adds: usage and no choices."""
     return bool(obj.get("usage")) and not obj.get("choices")
 
@@ -64,7 +64,7 @@ class Tally:
     """What a reply told about its tokens: the upstream's usage if any, and the streamed text's
     size (events that carried text, characters). Counts only, never text."""
 
-    usage: Optional[Dict[str, Any]] = None
+    usage: dict[str, Any] | None = None
     chunks: int = 0
     chars: int = 0
 
@@ -72,7 +72,7 @@ class Tally:
         if isinstance(usage, dict):
             self.usage = usage
 
-    def note(self, obj: Dict[str, Any]) -> None:
+    def note(self, obj: dict[str, Any]) -> None:
         size = text_size(obj)
         if size:
             self.chunks += 1
@@ -85,7 +85,7 @@ def estimate_tokens(chars: int) -> int:
     return -(-chars // CHARS_PER_TOKEN)
 
 
-def charged_tokens(tally: Tally, accepted: bool, prompt_estimate: int) -> Tuple[int, int]:
+def charged_tokens(tally: Tally, accepted: bool, prompt_estimate: int) -> tuple[int, int]:
     """(prompt, completion) tokens to charge. The upstream's usage if it sent one; else, for a reply
     the model accepted, the prompt's estimate and the larger of the streamed chunks that carried
     text and the streamed characters / 4; else nothing."""
@@ -110,7 +110,7 @@ def _text_chars(value: Any) -> int:
     return 0
 
 
-def prompt_estimate(data: Dict[str, Any], kind: str) -> int:
+def prompt_estimate(data: dict[str, Any], kind: str) -> int:
     """The prompt's tokens as estimated from its text, for a request that ends without usage."""
     if kind == "chat":
         size = sum(_text_chars(m.get("content")) for m in data.get("messages") or [] if isinstance(m, dict))
@@ -142,7 +142,7 @@ class Relay:
     def feed(self, data: bytes) -> bytes:
         """The complete events in ``data`` (plus what was pending), ready to send."""
         blocks, self.pending = split_events(self.pending + data)
-        out: List[bytes] = []
+        out: list[bytes] = []
         for block in blocks:
             obj = event_object(block)
             if obj is not None:

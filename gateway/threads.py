@@ -8,8 +8,9 @@ function run here starts with ``close_old_connections()`` where it uses the data
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-io")

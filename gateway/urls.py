@@ -6,7 +6,8 @@ test client, say)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from django.urls import re_path
@@ -14,7 +15,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from gateway import views
 
-ROUTES: Dict[str, Callable[..., Any]] = {
+ROUTES: dict[str, Callable[..., Any]] = {
     "models": views.models,
     "chat/completions": views.chat_completions,
     "completions": views.completions,
@@ -22,7 +23,7 @@ ROUTES: Dict[str, Callable[..., Any]] = {
 }
 
 
-def route(rest: str) -> Tuple[Callable[..., Any], Dict[str, str]]:
+def route(rest: str) -> tuple[Callable[..., Any], dict[str, str]]:
     """The view and its arguments for /v1/<rest>."""
     view = ROUTES.get(rest)
     if view is not None:

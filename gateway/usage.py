@@ -12,7 +12,7 @@ import asyncio
 import atexit
 import logging
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from django.db import close_old_connections
 
@@ -27,11 +27,11 @@ MAX_PENDING = 100_000
 class UsageWriter:
     def __init__(self, flush_every: float = FLUSH_EVERY) -> None:
         self.flush_every = flush_every
-        self.pending: List[Dict[str, Any]] = []
+        self.pending: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        self.scheduled: Optional[asyncio.Handle] = None
+        self.scheduled: asyncio.Handle | None = None
 
-    def add(self, record: Dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any]) -> None:
         with self.lock:
             if len(self.pending) >= MAX_PENDING:
                 self.pending.pop(0)  # the database has been down for long: the oldest row goes
@@ -44,12 +44,12 @@ class UsageWriter:
         if self.scheduled is None:
             self.scheduled = loop.call_later(self.flush_every, lambda: loop.create_task(self.flush()))
 
-    def _take(self) -> List[Dict[str, Any]]:
+    def _take(self) -> list[dict[str, Any]]:
         with self.lock:
             batch, self.pending = self.pending, []
         return batch
 
-    def _write(self, batch: List[Dict[str, Any]]) -> None:
+    def _write(self, batch: list[dict[str, Any]]) -> None:
         close_old_connections()
         try:
             UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
@@ -33,7 +34,7 @@ from hpcbridge.registry import get_bridge
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 
 
-def parse_body(request: HttpRequest, kind: str) -> Dict[str, Any]:
+def parse_body(request: HttpRequest, kind: str) -> dict[str, Any]:
     length = request.headers.get("Content-Length")
     if length and length.isdigit() and int(length) > settings.GATEWAY_MAX_BODY:
         raise ApiError(413, f"Request body larger than {settings.GATEWAY_MAX_BODY} bytes.", code="payload_too_large")
@@ -74,7 +75,7 @@ class Accounting:
     estimate when a request the model accepted ends without one. Only counts are kept, never the text.
     """
 
-    def __init__(self, caller: Caller, model: str, kind: str, stream: bool, slots: List[Bucket], lease: str,
+    def __init__(self, caller: Caller, model: str, kind: str, stream: bool, slots: list[Bucket], lease: str,
                  prompt_estimate: int = 0) -> None:
         self.user, self.key, self.model, self.kind, self.stream = caller.user, caller.key, model, kind, stream
         self.slots, self.lease = slots, lease  # the (subject, limits) this request counts in; its parallel slot
@@ -106,8 +107,8 @@ class Accounting:
             "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": timezone.now()})
 
 
-async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
-    rate_headers: Dict[str, str] = {}
+async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
+    rate_headers: dict[str, str] = {}
     try:
         if request.method != "POST":
             raise ApiError(405, f"{ENDPOINTS[kind]} takes POST.", code="method_not_allowed")
@@ -141,7 +142,7 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponse:
     return response
 
 
-def open_events(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw: bytes,
+def open_events(entry: registry.ModelEntry, kind: str, data: dict[str, Any], raw: bytes,
                 request_id: str) -> AsyncIterator[Any]:
     """The upstream's events (Head, Progress, bytes): an HPC platform, or an external provider."""
     if data.get("stream") and kind != "embeddings":
@@ -158,14 +159,14 @@ def open_events(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw
                            raw or json.dumps(data).encode(), link_wait=settings.GATEWAY_LINK_WAIT)
 
 
-async def forward(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], raw: bytes,
-                  acct: Accounting) -> HttpResponse:
+async def forward(entry: registry.ModelEntry, kind: str, data: dict[str, Any], raw: bytes,
+                  acct: Accounting) -> HttpResponseBase:
     """The upstream's answer: a whole response, or a stream handed to ``relay``. The request is
     accounted here when it ends here (refused, failed, not streamed), else when the stream ends."""
     stream = bool(data.get("stream"))
     request_id = uuid.uuid4().hex
     events = open_events(entry, kind, data, raw, request_id)
-    ended: Optional[int] = 499  # the status to account if the request ends here (499: the client left)
+    ended: int | None = 499  # the status to account if the request ends here (499: the client left)
     try:
         first = await events.__anext__()
         if isinstance(first, Progress):
@@ -206,12 +207,12 @@ async def forward(entry: registry.ModelEntry, kind: str, data: Dict[str, Any], r
             await acct.finish(ended)
     # The usage chunk we asked for goes to the client only if it asked too.
     wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-    resp = StreamingHttpResponse(relay(first, events, acct, wants_usage, entry.platform),
-                                 content_type="text/event-stream")
-    resp["Cache-Control"] = "no-cache"
-    resp["X-Accel-Buffering"] = "no"  # tell a reverse proxy not to buffer
-    resp["x-request-id"] = request_id
-    return resp
+    streamed = StreamingHttpResponse(relay(first, events, acct, wants_usage, entry.platform),
+                                     content_type="text/event-stream")
+    streamed["Cache-Control"] = "no-cache"
+    streamed["X-Accel-Buffering"] = "no"  # tell a reverse proxy not to buffer
+    streamed["x-request-id"] = request_id
+    return streamed
 
 
 async def relay(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_usage: bool,
@@ -257,17 +258,17 @@ async def relay(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_
 
 
 @csrf_exempt
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
     return await proxy(request, "chat")
 
 
 @csrf_exempt
-async def completions(request: HttpRequest) -> HttpResponse:
+async def completions(request: HttpRequest) -> HttpResponseBase:
     return await proxy(request, "completions")
 
 
 @csrf_exempt
-async def embeddings(request: HttpRequest) -> HttpResponse:
+async def embeddings(request: HttpRequest) -> HttpResponseBase:
     return await proxy(request, "embeddings")
 
 

@@ -20,8 +20,9 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 from common.upstream import Event, Head, Progress, UpstreamError
 from hpcbridge.config import PlatformConfig
@@ -48,7 +49,7 @@ class _Stream:
     queue: asyncio.Queue[Any]
 
 
-def _deliver(deliveries: List[Tuple[asyncio.Queue[Any], List[p.Frame]]]) -> None:
+def _deliver(deliveries: list[tuple[asyncio.Queue[Any], list[p.Frame]]]) -> None:
     for queue, frames in deliveries:
         queue.put_nowait(frames)
 
@@ -58,13 +59,13 @@ class Connection:
 
     def __init__(self, link: Link, name: str, on_dead: Callable[[Connection, str], None]) -> None:
         self.link, self.name, self.on_dead = link, name, on_dead
-        self.streams: Dict[int, _Stream] = {}
+        self.streams: dict[int, _Stream] = {}
         self.lock = threading.Lock()
         self.ids = itertools.count(1, 2)
         self.alive = True
         self.last_pong = time.monotonic()
-        self.server: Dict[str, Any] = {}
-        self.pong: Dict[str, Any] = {}
+        self.server: dict[str, Any] = {}
+        self.pong: dict[str, Any] = {}
         self._hello = threading.Event()
         self.decoder = p.Decoder()
         self.link.send(p.hello_client("hpcbridge"))
@@ -88,14 +89,14 @@ class Connection:
                 data = self.link.recv()
                 if not data:
                     break
-                batches: Dict[int, List[p.Frame]] = defaultdict(list)
+                batches: dict[int, list[p.Frame]] = defaultdict(list)
                 for frame in self.decoder.feed(data):
                     if frame.stream == 0:
                         self._control(frame)
                     else:
                         batches[frame.stream].append(frame)
                 # One wake-up of each event loop per read, however many streams it carried.
-                by_loop: Dict[asyncio.AbstractEventLoop, List[Tuple[asyncio.Queue[Any], List[p.Frame]]]] = {}
+                by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], list[p.Frame]]]] = {}
                 for sid, frames in batches.items():
                     stream = self.streams.get(sid)
                     if stream is not None:
@@ -143,7 +144,7 @@ class Connection:
             self.close(f"send failed: {type(exc).__name__}")
             raise LinkError("the link to the platform broke") from None
 
-    def open_stream(self, loop: asyncio.AbstractEventLoop) -> Tuple[int, asyncio.Queue[Any]]:
+    def open_stream(self, loop: asyncio.AbstractEventLoop) -> tuple[int, asyncio.Queue[Any]]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         with self.lock:
             if not self.alive:
@@ -166,7 +167,7 @@ class Platform:
     def __init__(self, cfg: PlatformConfig, opener: Callable[[PlatformConfig], Link] = open_link) -> None:
         self.cfg = cfg
         self.opener = opener
-        self.connections: List[Connection] = []
+        self.connections: list[Connection] = []
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -175,7 +176,7 @@ class Platform:
         self.last_error = ""
         self.connecting = False
         self.ever_connected = threading.Event()
-        self.thread: Optional[threading.Thread] = None
+        self.thread: threading.Thread | None = None
         self.want_more = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -196,7 +197,7 @@ class Platform:
         if self.thread is not None:
             self.thread.join(timeout=5)
 
-    def state(self) -> Dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         up = [c for c in self.connections if c.alive]
         return {"name": self.cfg.name, "up": bool(up), "connections": len(up),
                 "streams": sum(c.active for c in up), "failures": self.failures,
@@ -278,7 +279,7 @@ class Platform:
             self.wake.set()
         return conn
 
-    async def stream(self, method: str, path: str, model: str = "", headers: Optional[Dict[str, str]] = None,
+    async def stream(self, method: str, path: str, model: str = "", headers: dict[str, str] | None = None,
                      body: bytes = b"") -> AsyncIterator[Event]:
         """Send one request; yield Head, Progress and body chunks as they arrive."""
         if len(body) > p.MAX_REQUEST_BODY:
@@ -326,11 +327,11 @@ class Platform:
         finally:
             conn.finish_stream(sid, cancel=not done)
 
-    async def request(self, method: str, path: str, model: str = "", headers: Optional[Dict[str, str]] = None,
-                      body: bytes = b"") -> Tuple[Head, bytes]:
+    async def request(self, method: str, path: str, model: str = "", headers: dict[str, str] | None = None,
+                      body: bytes = b"") -> tuple[Head, bytes]:
         """The whole response at once (for small answers such as /v1/models)."""
-        head: Optional[Head] = None
-        chunks: List[bytes] = []
+        head: Head | None = None
+        chunks: list[bytes] = []
         async for event in self.stream(method, path, model, headers, body):
             if isinstance(event, Head):
                 head = event
@@ -345,10 +346,10 @@ class Platform:
 class Bridge:
     """All configured platforms, started lazily."""
 
-    platforms: Dict[str, Platform] = field(default_factory=dict)
+    platforms: dict[str, Platform] = field(default_factory=dict)
 
     @classmethod
-    def from_configs(cls, configs: List[PlatformConfig]) -> Bridge:
+    def from_configs(cls, configs: list[PlatformConfig]) -> Bridge:
         return cls({c.name: Platform(c) for c in configs})
 
     def get(self, name: str) -> Platform:

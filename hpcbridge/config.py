@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
@@ -43,7 +43,7 @@ class PlatformConfig:
     max_connections: int = 2
     streams_per_connection: int = 64  # above this on every connection, open another
     backoff_max: float = 30.0
-    proxy_jump: Optional[JumpHost] = None  # {"host", "port", "user", "key_file", "known_hosts"}
+    proxy_jump: JumpHost | None = None  # {"host", "port", "user", "key_file", "known_hosts"}
 
 
 def parse_platform(raw: Any, index: int) -> PlatformConfig:

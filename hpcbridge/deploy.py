@@ -15,9 +15,10 @@ import io
 import re
 import shlex
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any
 
 import fabric
 import paramiko
@@ -37,20 +38,20 @@ class DeployError(Exception):
 @dataclass
 class DeployOptions:
     platform: PlatformConfig
-    login: Optional[str] = None  # the account that logs in (default: ssh_config's User, else yours)
-    host: Optional[str] = None  # an ssh_config Host alias (default: the platform's host and port)
-    ssh_config: Optional[str] = None  # default: ~/.ssh/config
-    identity: Optional[str] = None  # default: ssh_config's IdentityFile and the agent
+    login: str | None = None  # the account that logs in (default: ssh_config's User, else yours)
+    host: str | None = None  # an ssh_config Host alias (default: the platform's host and port)
+    ssh_config: str | None = None  # default: ~/.ssh/config
+    identity: str | None = None  # default: ssh_config's IdentityFile and the agent
     remote_root: str = "~/chatai"  # hpcside-VERSION-HASH/ goes under it
     remote_config: str = "~/.config/hpcside/services.ini"
-    services: Optional[Path] = None  # written when given; otherwise the remote file must exist
+    services: Path | None = None  # written when given; otherwise the remote file must exist
     authorized_keys: str = "~/.ssh/authorized_keys"
     python: str = "/usr/bin/python3"
-    pubkey: Optional[Path] = None  # default: the platform's key_file + .pub
+    pubkey: Path | None = None  # default: the platform's key_file + .pub
     dry_run: bool = False
 
 
-def package() -> Tuple[bytes, str]:
+def package() -> tuple[bytes, str]:
     """hpcside as a tar (no caches) and its name on the login node: version and content hash."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -71,7 +72,7 @@ def package() -> Tuple[bytes, str]:
     return data, f"hpcside-{hpcside.__version__}-{hashlib.sha256(data).hexdigest()[:10]}"
 
 
-def key_blob(line: str) -> Optional[str]:
+def key_blob(line: str) -> str | None:
     """The key type and base64 of an authorized_keys line (after any options)."""
     parts = line.split()
     for i, part in enumerate(parts):
@@ -91,7 +92,7 @@ def merge_key_line(current: str, line: str) -> str:
 class Deployer:
     def __init__(self, opts: DeployOptions, say: Callable[[str], None]) -> None:
         self.opts, self.cfg, self.say = opts, opts.platform, say
-        self.conn: Optional[fabric.Connection] = None
+        self.conn: fabric.Connection | None = None
         self.home = "~"  # the functional account's, resolved once connected
 
     # -- the connection -------------------------------------------------------------------
@@ -250,4 +251,4 @@ def pin(conn: fabric.Connection, known_hosts: str) -> None:
     conn.client = client
 
 
-__all__: List[str] = ["DeployError", "DeployOptions", "Deployer", "check_version", "merge_key_line", "package"]
+__all__: list[str] = ["DeployError", "DeployOptions", "Deployer", "check_version", "merge_key_line", "package"]

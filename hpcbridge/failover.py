@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Set
 
 from common.upstream import Event, Head, Progress
 from hpcbridge.client import Bridge, BridgeError, Platform, PlatformUnavailable
@@ -36,14 +36,14 @@ class Offer:
     platform: str
     status: str = "offline"  # ready, starting, queued, offline, failed
     instances: int = 0
-    start_estimate: Optional[float] = None  # seconds until Slurm could start an instance, if known
+    start_estimate: float | None = None  # seconds until Slurm could start an instance, if known
 
 
 _TIER = {"ready": 0, "starting": 1, "queued": 2}
 
 
-def rank(offers: Sequence[Offer], up: Dict[str, bool], inflight: Dict[str, int],
-         avoid: Set[str] = frozenset()) -> List[str]:  # type: ignore[assignment]
+def rank(offers: Sequence[Offer], up: dict[str, bool], inflight: dict[str, int],
+         avoid: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """Platforms in the order to try them. Pure."""
     def key(o: Offer) -> tuple:
         tier = 0 if o.instances > 0 else _TIER.get(o.status, 3)
@@ -57,13 +57,13 @@ def rank(offers: Sequence[Offer], up: Dict[str, bool], inflight: Dict[str, int],
 
 
 async def stream(bridge: Bridge, offers: Sequence[Offer], method: str, path: str, model: str,
-                 headers: Dict[str, str], body: bytes, link_wait: float = 30.0) -> AsyncIterator[Event]:
+                 headers: dict[str, str], body: bytes, link_wait: float = 30.0) -> AsyncIterator[Event]:
     """Like ``Platform.stream``, over the best platform, failing over and continuing as above."""
     kind = CONTINUABLE.get(path)
-    transcript: Optional[Transcript] = None
+    transcript: Transcript | None = None
     head_sent = False
     attempt = body
-    avoid: Set[str] = set()
+    avoid: set[str] = set()
     deadline = time.monotonic() + link_wait
     while True:
         platform = await _choose(bridge, offers, avoid, deadline, patient=head_sent)
@@ -120,8 +120,8 @@ async def stream(bridge: Bridge, offers: Sequence[Offer], method: str, path: str
             yield Progress("continuing", "the link to the HPC platform was lost; continuing the reply", 0.0)
 
 
-async def _choose(bridge: Bridge, offers: Sequence[Offer], avoid: Set[str], deadline: float,
-                  patient: bool) -> Optional[Platform]:
+async def _choose(bridge: Bridge, offers: Sequence[Offer], avoid: set[str], deadline: float,
+                  patient: bool) -> Platform | None:
     """The best platform whose link is up, or None. Waits (without blocking the loop) for a link
     being re-opened after a loss; a platform whose reconnect already failed is down (its circuit
     is open), and only a stream that already began waits for it, up to ``deadline``."""
@@ -144,7 +144,7 @@ async def _choose(bridge: Bridge, offers: Sequence[Offer], avoid: Set[str], dead
         await asyncio.sleep(POLL)
 
 
-def _ending(transcript: Optional[Transcript], message: str) -> bytes:
+def _ending(transcript: Transcript | None, message: str) -> bytes:
     if transcript is None:
         raise BridgeError(502, "platform_link_lost", message, retry_after=1.0)
     return transcript.ending(message)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import paramiko
 
@@ -69,7 +69,7 @@ class SSHLink(Link):
                 self.jump.close()
 
 
-def ssh_connect(cfg: PlatformConfig) -> Tuple[paramiko.SSHClient, Optional[paramiko.SSHClient]]:
+def ssh_connect(cfg: PlatformConfig) -> tuple[paramiko.SSHClient, paramiko.SSHClient | None]:
     """An SSH client to the login node (and the bastion's, with proxy_jump), host keys pinned on each hop.
 
     Through a bastion: one transport to it, a direct-tcpip channel to the login node, and the

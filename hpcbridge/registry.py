@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 from django.conf import settings
 
 from hpcbridge.client import Bridge
 from hpcbridge.config import parse_platforms
 
-_bridge: Optional[Bridge] = None
+_bridge: Bridge | None = None
 _lock = threading.Lock()
 
 

@@ -9,8 +9,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any
 
 import pytest
 
@@ -75,7 +76,7 @@ def slurm3(account: Account) -> Iterator[SlurmCluster]:
 class Hpcside:
     """hpcside run as the functional account against one cluster, with its own state dir."""
 
-    def __init__(self, deployment: Path, account: Account, cluster: Optional[SlurmCluster]) -> None:
+    def __init__(self, deployment: Path, account: Account, cluster: SlurmCluster | None) -> None:
         self.deployment, self.account, self.cluster = deployment, account, cluster
         self.home = Path(tempfile.mkdtemp(prefix="chatai-svc-", dir="/tmp"))
         shutil.chown(self.home, account.name, account.name)
@@ -118,13 +119,13 @@ class Hpcside:
     def schedule(self) -> subprocess.CompletedProcess[str]:
         return self.run("schedule", "--force", check=False)
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         return json.loads(self.run("status", "--json").stdout)
 
-    def routing(self) -> Dict[str, Any]:
+    def routing(self) -> dict[str, Any]:
         return json.loads((self.state / "routing.json").read_text())
 
-    def service(self, name: str = "stub") -> Dict[str, Any]:
+    def service(self, name: str = "stub") -> dict[str, Any]:
         return next(s for s in self.status()["services"] if s["service"] == name)
 
     def until(self, condition: Callable[[], Any], timeout: float = 60, what: str = "condition",
@@ -141,8 +142,8 @@ class Hpcside:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{status}")
 
     def publish_load(self, model: str, inflight: int = 0, waiting: int = 0,
-                     last_request_at: Optional[float] = None, instances: Optional[Dict[str, int]] = None,
-                     pid: Optional[int] = None) -> None:
+                     last_request_at: float | None = None, instances: dict[str, int] | None = None,
+                     pid: int | None = None) -> None:
         """Write an in-flight file as a session server would (documented format)."""
         if not (self.state / "inflight").is_dir():
             self.schedule()  # the account creates its state directory
@@ -155,7 +156,7 @@ class Hpcside:
         }))
         shutil.chown(path, self.account.name, self.account.name)
 
-    def ready(self, service: str = "stub") -> list[Dict[str, Any]]:
+    def ready(self, service: str = "stub") -> list[dict[str, Any]]:
         return [i for i in self.status()["instances"] if i["service"] == service and i["phase"] == "ready"]
 
     def cancel_jobs(self) -> None:
@@ -174,10 +175,10 @@ class Hpcside:
 
 
 @pytest.fixture
-def hpcside_on(deployment: Path, account: Account) -> Iterator[Callable[[Optional[SlurmCluster]], Hpcside]]:
+def hpcside_on(deployment: Path, account: Account) -> Iterator[Callable[[SlurmCluster | None], Hpcside]]:
     made: list[Hpcside] = []
 
-    def make(cluster: Optional[SlurmCluster]) -> Hpcside:
+    def make(cluster: SlurmCluster | None) -> Hpcside:
         h = Hpcside(deployment, account, cluster)
         made.append(h)
         return h

@@ -11,7 +11,6 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from hpcside.launchers import LocalLauncher
 from tests.harness.accounts import stop_process_group
@@ -50,10 +49,10 @@ class LiveApp:
     redis_url: str = ""
     workers: int = 1
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chatai-live-")))
-    procs: List[subprocess.Popen] = field(default_factory=list)
-    ports: List[int] = field(default_factory=list)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
     db_name: str = ""
-    extra_env: Dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
     services: str = ""  # [service:...] sections instead of the two test stubs
     port: int = 0  # the first worker's port, when it must be known before start (OIDC redirect URIs)
 
@@ -61,11 +60,11 @@ class LiveApp:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.ports[0]}"
 
-    def urls(self) -> List[str]:
+    def urls(self) -> list[str]:
         return [f"http://127.0.0.1:{p}" for p in self.ports]
 
     @property
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS", "HPC", "DJANGO"))}
         env.update({"CHATAI_DATA_DIR": str(self.dir / "var"), "SECRET_KEY": "test-secret-key-" + "x" * 40,
                     "HPC_PLATFORMS": json.dumps([{"name": "local", "transport": "local",
@@ -114,7 +113,7 @@ class LiveApp:
         for url in self.urls():
             wait_http(f"{url}/healthz", 30, "daphne", lambda: self.logs()[-3000:])
 
-    def manage(self, *args: str, input: Optional[str] = None) -> str:
+    def manage(self, *args: str, input: str | None = None) -> str:
         proc = subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,
                               text=True, input=input, check=False, timeout=120)
         if proc.returncode != 0:

@@ -11,14 +11,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from tests.live import LiveApp, stub_service
 from tests.test_gateway_openai import ASK, assert_openai_error
 
-Reply = Tuple[int, Dict[str, str], Any]
+Reply = tuple[int, dict[str, str], Any]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def app() -> Iterator[LiveApp]:
 
 
 def call(app: LiveApp, method: str, path: str, key: str = "", body: Any = None,
-         headers: Optional[Dict[str, str]] = None, opener: Any = None) -> Reply:
+         headers: dict[str, str] | None = None, opener: Any = None) -> Reply:
     data = None if body is None else json.dumps(body).encode()
     hdrs = {"Accept": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
             **({"Content-Type": "application/json"} if data is not None else {}), **(headers or {})}
@@ -50,7 +51,7 @@ def call(app: LiveApp, method: str, path: str, key: str = "", body: Any = None,
         return err.code, {k.lower(): v for k, v in err.headers.items()}, json.loads(err.read() or b"null")
 
 
-def login(app: LiveApp, username: str) -> Tuple[Any, str]:
+def login(app: LiveApp, username: str) -> tuple[Any, str]:
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     page = opener.open(f"{app.url}/accounts/login/", timeout=10).read().decode()

@@ -10,8 +10,9 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -66,12 +67,12 @@ def jump_config(cfg: PlatformConfig, bastion: Bastion, known_hosts: str = "") ->
         "127.0.0.1", bastion.port, bastion.user, cfg.key_file, known_hosts or str(bastion.known_hosts))})
 
 
-async def chat(plat: Platform) -> List[Any]:
+async def chat(plat: Platform) -> list[Any]:
     return [e async for e in plat.stream("POST", "/v1/chat/completions", "stub-model",
                                          {"content-type": "application/json"}, json.dumps(CHAT).encode())]
 
 
-async def round_trips(plat: Platform, n: int) -> List[float]:
+async def round_trips(plat: Platform, n: int) -> list[float]:
     out = []
     for _ in range(n):
         start = time.perf_counter()
@@ -81,7 +82,7 @@ async def round_trips(plat: Platform, n: int) -> List[float]:
     return out
 
 
-def through(cfg: PlatformConfig) -> List[Any]:
+def through(cfg: PlatformConfig) -> list[Any]:
     plat = Platform(cfg).start()
     try:
         return asyncio.run(chat(plat))
@@ -130,7 +131,7 @@ def test_the_bridge_works_through_the_bastion_and_refuses_an_unknown_bastion_key
 
 
 @pytest.fixture
-def bare_login(side: Hpcside) -> Iterator[Dict[str, Any]]:
+def bare_login(side: Hpcside) -> Iterator[dict[str, Any]]:
     """A login node where nothing is deployed: the functional account's authorized_keys holds only
     the operator's own key (a normal shell: before the service key is locked)."""
     root = Path(tempfile.mkdtemp(prefix="chatai-bare-", dir="/run"))
@@ -171,7 +172,7 @@ def bare_login(side: Hpcside) -> Iterator[Dict[str, Any]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_deploy_from_nothing_to_a_working_bridge_through_the_bastion(side: Hpcside, bare_login: Dict[str, Any],
+def test_deploy_from_nothing_to_a_working_bridge_through_the_bastion(side: Hpcside, bare_login: dict[str, Any],
                                                                       settings: Any) -> None:
     b = bare_login
     server, bastion = b["server"], b["bastion"]
@@ -221,7 +222,7 @@ def test_deploy_from_nothing_to_a_working_bridge_through_the_bastion(side: Hpcsi
     assert heads and heads[0].status == 200, events
 
 
-def test_deploy_refuses_an_unknown_login_host_key(side: Hpcside, bare_login: Dict[str, Any], settings: Any,
+def test_deploy_refuses_an_unknown_login_host_key(side: Hpcside, bare_login: dict[str, Any], settings: Any,
                                                    tmp_path: Path) -> None:
     b = bare_login
     empty = tmp_path / "known_hosts"

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import threading
 import time
-from typing import List
 
 import pytest
 
@@ -23,7 +22,7 @@ def slow_refusal(_cfg: PlatformConfig) -> Link:
 def test_a_request_during_the_first_connect_does_not_freeze_the_event_loop(caplog: pytest.LogCaptureFixture) -> None:
     platform = Platform(PlatformConfig(name="slow", transport="local", connect_timeout=2.0),
                         opener=slow_refusal).start()
-    gaps: List[float] = []
+    gaps: list[float] = []
 
     async def ticker(stop: asyncio.Event) -> None:
         last = time.monotonic()

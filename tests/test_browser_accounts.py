@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List
 
 import pytest
 
@@ -96,7 +96,7 @@ def end_provider_session(page, provider: OIDCProvider) -> None:  # type: ignore[
     page.wait_for_load_state()
 
 
-def databases(page) -> List[str]:  # type: ignore[no-untyped-def]
+def databases(page) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(d["name"] for d in page.evaluate("indexedDB.databases()"))
 
 

@@ -15,8 +15,8 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
 
 import pytest
 
@@ -44,7 +44,7 @@ def runtime() -> tuple[str, str]:
 
 
 @pytest.fixture
-def stack(slurm1: SlurmCluster, hpcside_on: Callable[[Optional[SlurmCluster]], Hpcside]) -> Iterator[tuple]:
+def stack(slurm1: SlurmCluster, hpcside_on: Callable[[SlurmCluster | None], Hpcside]) -> Iterator[tuple]:
     python, model_dir = runtime()
     h = hpcside_on(slurm1)
     section = "\n".join([
@@ -80,7 +80,7 @@ def test_openai_client_to_vllm_in_a_slurm_job_over_ssh_from_zero_instances(stack
 
     # 1. Cold start, streamed: held (SSE comments show the stages), then the model's tokens.
     started = time.monotonic()
-    comments: List[str] = []
+    comments: list[str] = []
     text = ""
     with client.chat.completions.with_streaming_response.create(
             model=MODEL, stream=True, temperature=0, max_tokens=40,
@@ -126,7 +126,7 @@ def test_openai_client_to_vllm_in_a_slurm_job_over_ssh_from_zero_instances(stack
     # scancel (what hpcside does on scale-down) leaves no vLLM process behind.
     h.cancel_jobs()
     deadline = time.monotonic() + 30
-    left: List[str] = ["?"]
+    left: list[str] = ["?"]
     while left and time.monotonic() < deadline:
         left = subprocess.run(["pgrep", "-u", h.account.name, "-f", "vllm.entrypoints"],
                               capture_output=True, text=True, check=False).stdout.split()

@@ -13,8 +13,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any
 
 import pytest
 
@@ -93,11 +94,11 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
 OFFERS = (Offer("a", "ready", 1), Offer("b", "ready", 1))
 
 
-async def collect(sites: Sites, body: dict, offers: Tuple[Offer, ...] = OFFERS, kill_after: int = 0,
-                  path: str = "/v1/chat/completions") -> Tuple[Head, bytes, List[Progress]]:
+async def collect(sites: Sites, body: dict, offers: tuple[Offer, ...] = OFFERS, kill_after: int = 0,
+                  path: str = "/v1/chat/completions") -> tuple[Head, bytes, list[Progress]]:
     head: Any = None
     raw = b""
-    progress: List[Progress] = []
+    progress: list[Progress] = []
     killed = ""
     async for event in stream(sites.bridge, offers, "POST", path, "stub-model",
                               {"content-type": "application/json"}, json.dumps(body).encode(), link_wait=20):
@@ -114,7 +115,7 @@ async def collect(sites: Sites, body: dict, offers: Tuple[Offer, ...] = OFFERS, 
     return head, raw, progress
 
 
-def text_of(raw: bytes) -> Tuple[str, int]:
+def text_of(raw: bytes) -> tuple[str, int]:
     text, done = "", 0
     for block in raw.decode().split("\n\n"):
         if block == "data: [DONE]":
@@ -142,7 +143,7 @@ def test_requests_fail_over_to_the_platform_that_is_up(sites: Sites) -> None:
 
 
 def test_a_request_sent_as_its_link_dies_is_answered_over_another(sites: Sites) -> None:
-    async def many() -> List[int]:
+    async def many() -> list[int]:
         async def one() -> int:
             h, raw, _ = await collect(sites, {**CHAT, "stream": True, "stub_delay": 0.02})
             return h.status if text_of(raw) == (SENTENCE, 1) else -1

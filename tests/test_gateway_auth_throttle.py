@@ -6,7 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import secrets
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.contrib.auth.models import User

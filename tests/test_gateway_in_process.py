@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
-from typing import Any, Dict, Optional
+from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -28,15 +28,15 @@ def client() -> AsyncClient:
     return AsyncClient(REMOTE_ADDR=f"203.0.113.{next(_hosts) % 250 + 1}")
 
 
-def post(body: bytes, key: Optional[str] = None, path: str = "/v1/chat/completions",
-         headers: Optional[Dict[str, str]] = None) -> Any:
+def post(body: bytes, key: str | None = None, path: str = "/v1/chat/completions",
+         headers: dict[str, str] | None = None) -> Any:
     """The request goes through the async views as under daphne (AsyncClient), driven from a sync test."""
     sent = {"Authorization": f"Bearer {key}"} if key else {}
     sent.update(headers or {})
     return async_to_sync(client().post)(path, body, content_type="application/json", headers=sent)
 
 
-def assert_openai_error(response: Any, status: int) -> Dict[str, Any]:
+def assert_openai_error(response: Any, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.content
     error = json.loads(response.content)["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
@@ -54,7 +54,7 @@ def new_key(name: str = "erin", **options: Any) -> str:
     ({"Authorization": "Bearer not-a-key"}, "invalid_api_key"),
     ({"Authorization": "Basic abc"}, "invalid_api_key"),
 ])
-def test_missing_or_invalid_keys_get_401_in_openai_shape(headers: Dict[str, str], code: str) -> None:
+def test_missing_or_invalid_keys_get_401_in_openai_shape(headers: dict[str, str], code: str) -> None:
     response = post(json.dumps({"model": "stub-model", "messages": ASK}).encode(), headers=headers)
     assert assert_openai_error(response, 401)["code"] == code
 
@@ -68,7 +68,7 @@ def test_missing_or_invalid_keys_get_401_in_openai_shape(headers: Dict[str, str]
     (json.dumps({"model": "stub-model", "messages": [{"content": "x"}]}).encode(), "messages[0]"),
     (json.dumps({"model": "stub-model", "messages": ASK, "stream": "yes"}).encode(), "stream"),
 ])
-def test_malformed_requests_get_400_naming_the_parameter(payload: bytes, param: Optional[str]) -> None:
+def test_malformed_requests_get_400_naming_the_parameter(payload: bytes, param: str | None) -> None:
     response = post(payload, new_key())
     assert assert_openai_error(response, 400)["param"] == param
 

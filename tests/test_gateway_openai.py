@@ -7,7 +7,8 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -27,8 +28,8 @@ def app(request: pytest.FixtureRequest) -> Iterator[LiveApp]:
         live.stop()
 
 
-def raw(app: LiveApp, method: str, path: str, body: Optional[bytes] = None,
-        headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], Any]:
+def raw(app: LiveApp, method: str, path: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
     req = urllib.request.Request(f"{app.url}{path}", data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - loopback
@@ -97,7 +98,7 @@ def test_a_held_request_streams_progress_as_sse_comments(app: LiveApp, key: str)
     ({"Authorization": "Bearer not-a-key"}, "invalid_api_key"),
     ({"Authorization": "Basic abc"}, "invalid_api_key"),
 ])
-def test_missing_or_invalid_keys_get_401(app: LiveApp, headers: Dict[str, str], code: str) -> None:
+def test_missing_or_invalid_keys_get_401(app: LiveApp, headers: dict[str, str], code: str) -> None:
     status, _, body = raw(app, "POST", "/v1/chat/completions", json.dumps({"model": "stub-model",
                                                                           "messages": ASK}).encode(), headers)
     assert_openai_error(status, body, 401)
@@ -113,7 +114,7 @@ def test_missing_or_invalid_keys_get_401(app: LiveApp, headers: Dict[str, str], 
     (json.dumps({"model": "stub-model", "messages": [{"content": "x"}]}).encode(), "messages[0]"),
     (json.dumps({"model": "stub-model", "messages": ASK, "stream": "yes"}).encode(), "stream"),
 ])
-def test_malformed_requests_get_400(app: LiveApp, key: str, payload: bytes, param: Optional[str]) -> None:
+def test_malformed_requests_get_400(app: LiveApp, key: str, payload: bytes, param: str | None) -> None:
     status, _, body = raw(app, "POST", "/v1/chat/completions", payload, {"Authorization": f"Bearer {key}"})
     assert_openai_error(status, body, 400)
     assert body["error"]["param"] == param
@@ -215,7 +216,7 @@ def test_a_logged_in_session_uses_the_same_endpoint_with_csrf_protection(app: Li
     csrf = next(c.value for c in jar if c.name == "csrftoken")
     body = json.dumps({"model": "stub-model", "messages": ASK}).encode()
 
-    def chat(headers: Dict[str, str]) -> Tuple[int, Any]:
+    def chat(headers: dict[str, str]) -> tuple[int, Any]:
         req = urllib.request.Request(f"{app.url}/v1/chat/completions", data=body, method="POST",
                                      headers={"Content-Type": "application/json", **headers})
         try:

@@ -8,7 +8,8 @@ import http.client
 import json
 import re
 import time
-from typing import Any, Dict, Iterator, List
+from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -56,7 +57,7 @@ def openai_client(app: LiveApp, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def usage_rows(app: LiveApp, username: str, status: int, model: str) -> List[Dict[str, Any]]:
+def usage_rows(app: LiveApp, username: str, status: int, model: str) -> list[dict[str, Any]]:
     """The user's usage rows of this status and model, once there is one (rows are written in batches)."""
     out = app.shell("import json, time\nfrom gateway.models import UsageRecord\n"
                     "for _ in range(100):\n"
@@ -160,7 +161,7 @@ def test_a_model_the_caller_may_not_use_is_not_found_like_an_unknown_one(app: Li
                headers={"Authorization": f"Bearer {app.create_key('sam')}"})[0] == 404  # staff are not insiders
 
 
-def progress_comments(app: LiveApp, key: str, model: str) -> List[str]:
+def progress_comments(app: LiveApp, key: str, model: str) -> list[str]:
     body = json.dumps({"model": model, "messages": ASK, "stream": True}).encode()
     conn = http.client.HTTPConnection("127.0.0.1", app.ports[0], timeout=60)
     conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {key}",

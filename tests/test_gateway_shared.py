@@ -7,7 +7,7 @@ import subprocess
 import urllib.error
 import urllib.request
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
@@ -15,7 +15,7 @@ def ev(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def chunk(content: str) -> Dict[str, Any]:
+def chunk(content: str) -> dict[str, Any]:
     return {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]}
 
 
@@ -29,7 +29,7 @@ def relay_in_pieces(raw: bytes, size: int, wants_usage: bool) -> tuple[bytes, ss
     return out + relay.tail(), relay
 
 
-def events(raw: bytes) -> List[bytes]:
+def events(raw: bytes) -> list[bytes]:
     return [block for block in raw.split(b"\n\n") if block]
 
 
@@ -43,7 +43,7 @@ def test_the_splitter_returns_whole_events_and_keeps_the_partial_one() -> None:
 def test_events_reach_the_client_whole_whatever_the_byte_boundaries(size: int) -> None:
     raw = ev(chunk("Hel")) + b": queued (3s)\n\n" + ev(chunk("lo")) + sse.DONE
     relay = sse.Relay(wants_usage=False)
-    sent: List[bytes] = []
+    sent: list[bytes] = []
     for i in range(0, len(raw), size):
         out = relay.feed(raw[i:i + size])
         assert not out or out.endswith(b"\n\n")  # never half an event

@@ -7,7 +7,8 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ def app() -> Iterator[LiveApp]:
         live.stop()
 
 
-async def one_stream(client: Any) -> Tuple[str, Optional[str]]:
+async def one_stream(client: Any) -> tuple[str, str | None]:
     text = ""
     try:
         stream = await client.chat.completions.create(model="stub-model", messages=ASK, stream=True,
@@ -55,7 +56,7 @@ def test_sigterm_lets_the_streams_in_flight_finish_and_takes_no_new_connection(a
                                 timeout=60)
     daphne = app.procs[0]
 
-    async def run() -> Tuple[List[Tuple[str, Optional[str]]], bool]:
+    async def run() -> tuple[list[tuple[str, str | None]], bool]:
         assert (await client.chat.completions.create(model="stub-model", messages=ASK)).choices  # warm
         streams = [asyncio.ensure_future(one_stream(client)) for _ in range(8)]
         await asyncio.sleep(1.0)

@@ -13,8 +13,9 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,7 @@ MAY_BE_ZERO = ("increase(chatai_held_requests_total", "chatai_platform_models{",
                "chatai_platform_streams")
 
 
-def panel_queries() -> List[Tuple[str, str]]:
+def panel_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
 
@@ -79,10 +80,10 @@ def prometheus(live: LiveApp) -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def api(prom: str, path: str, **params: Any) -> Dict[str, Any]:
+def api(prom: str, path: str, **params: Any) -> dict[str, Any]:
     url = f"{prom}/api/v1/{path}?{urllib.parse.urlencode(params)}"
     with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback test server
-        answer: Dict[str, Any] = json.loads(resp.read())
+        answer: dict[str, Any] = json.loads(resp.read())
     assert answer["status"] == "success", answer
     return answer
 

@@ -202,7 +202,7 @@ def docs_defaults(heading: str) -> dict[str, str]:
         names = re.findall(r"`([a-z_]+)`", names_cell)
         values = [v.strip().strip("`") for v in default_cell.split(",")]
         values = values if len(values) == len(names) else values * len(names)
-        out.update(zip(names, values))
+        out.update(zip(names, values, strict=True))
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hpcside.config import ServiceConfig, parse_capacity
 from hpcside.decide import Observation, Plan, Probe, backoff_delay, decide, job_name, routing_table
@@ -18,7 +18,7 @@ SATURDAY_10 = dt.datetime(2026, 11, 28, 10, 0)
 
 
 def svc(**kw: Any) -> ServiceConfig:
-    base: Dict[str, Any] = dict(name="llm", model="org/llm", template="vllm-gpu", model_path="/m", gpus=1,
+    base: dict[str, Any] = dict(name="llm", model="org/llm", template="vllm-gpu", model_path="/m", gpus=1,
                                 min_instances=0, max_instances=3, scale_up_inflight=4, scale_down_delay=60,
                                 idle_timeout=600, walltime=3600, renewal_margin=300, readiness_timeout=120,
                                 unhealthy_grace=20, drain_timeout=300)
@@ -34,13 +34,13 @@ class World:
         self.state = SchedulerState()
         self.now = T0
         self.local = local
-        self.jobs: Dict[str, Job] = {}  # iid -> job
-        self.healthy: Dict[str, Probe] = {}
+        self.jobs: dict[str, Job] = {}  # iid -> job
+        self.healthy: dict[str, Probe] = {}
         self.load = Load()
         self.ids = (f"{n:012x}" for n in itertools.count(1))
         self.job_ids = itertools.count(100)
         self.slurm_down = False
-        self.plans: List[Plan] = []
+        self.plans: list[Plan] = []
 
     def step(self, seconds: float = 5.0) -> Plan:
         self.now += seconds
@@ -68,14 +68,14 @@ class World:
             self.jobs[iid] = dataclasses.replace(job, state="RUNNING", node="n1")
             self.healthy[iid] = Probe(True, "200") if healthy else Probe(False, "refused")
 
-    def phases(self, service: str = "llm") -> List[str]:
+    def phases(self, service: str = "llm") -> list[str]:
         return sorted(i.phase for i in self.state.instances.values() if i.service == service)
 
-    def ready(self) -> List[Instance]:
+    def ready(self) -> list[Instance]:
         return [i for i in self.state.instances.values() if i.phase == "ready"]
 
-    def set_load(self, inflight: int = 0, waiting: int = 0, last: Optional[float] = None,
-                 per_instance: Optional[Dict[str, int]] = None, model: str = "org/llm") -> None:
+    def set_load(self, inflight: int = 0, waiting: int = 0, last: float | None = None,
+                 per_instance: dict[str, int] | None = None, model: str = "org/llm") -> None:
         self.load = Load(models={model: ModelLoad(inflight, waiting, last)}, instances=per_instance or {})
 
     def bring_up(self) -> None:
@@ -287,9 +287,9 @@ def test_it_backs_off_exponentially_when_jobs_keep_failing() -> None:
             submits_at.append(w.now - T0)
         for s in plan.submits:
             del w.jobs[s.iid]  # it fails before the next look
-    gaps = [b - a for a, b in zip(submits_at, submits_at[1:])]
+    gaps = [b - a for a, b in zip(submits_at, submits_at[1:], strict=False)]
     assert len(submits_at) <= 7, submits_at  # not 200
-    assert all(b >= a for a, b in zip(gaps, gaps[1:])), gaps  # growing gaps
+    assert all(b >= a for a, b in zip(gaps, gaps[1:], strict=False)), gaps  # growing gaps
     assert w.state.services["llm"].failures >= 5
     assert "before the instance was ready" in w.state.services["llm"].last_error
 

@@ -14,8 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -48,8 +48,8 @@ class ServeProcess:
         self.proc = subprocess.Popen([sys.executable, "-S", "-m", "hpcside", "--config", str(config), "forcecommand"],
                                      cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
-        self.frames: queue.Queue[Optional[p.Frame]] = queue.Queue()
-        self.seen: List[p.Frame] = []
+        self.frames: queue.Queue[p.Frame | None] = queue.Queue()
+        self.seen: list[p.Frame] = []
         threading.Thread(target=self._read, daemon=True).start()
         self.send(p.hello_client("test"))
         assert self.next().type == p.HELLO
@@ -94,10 +94,10 @@ class ServeProcess:
         self.send(p.encode_json(p.PING, 0, {"t": 1}))
         self.until(0, (p.PONG,))
 
-    def errors(self, stream: int) -> List[Dict]:  # type: ignore[type-arg]
+    def errors(self, stream: int) -> list[dict]:  # type: ignore[type-arg]
         return [f.json() for f in self.seen if f.stream == stream and f.type == p.ERROR]
 
-    def request(self, sid: int, head: Dict, body: bytes = b"") -> None:  # type: ignore[type-arg]
+    def request(self, sid: int, head: dict, body: bytes = b"") -> None:  # type: ignore[type-arg]
         self.send(p.encode_json(p.REQUEST, sid, head) + p.encode_data(sid, body) + p.encode(p.END, sid))
 
     def health(self, sid: int) -> int:
@@ -123,7 +123,7 @@ class ServeProcess:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    made: List[ServeProcess] = []
+    made: list[ServeProcess] = []
 
     def start(**settings: str) -> ServeProcess:
         s = ServeProcess(write_config(tmp_path, **settings))
@@ -137,7 +137,7 @@ def serve(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
             s.proc.wait()
 
 
-def chat_head(model: str = "m", headers: Optional[Dict[str, str]] = None) -> Dict:  # type: ignore[type-arg]
+def chat_head(model: str = "m", headers: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
     return {"method": "POST", "path": "/v1/chat/completions", "model": model,
             "headers": headers if headers is not None else {"content-type": "application/json"}}
 
@@ -251,7 +251,7 @@ class CaptureUpstream:
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.heads: List[bytes] = []
+        self.heads: list[bytes] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:

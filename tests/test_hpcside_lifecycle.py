@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -21,7 +20,7 @@ def inst(iid: str, phase: Phase, node: str = "", reason: str = "") -> Instance:
                     reason=reason)
 
 
-def words(*instances: Instance, ss: Optional[ServiceState] = None, routable: int = 0,
+def words(*instances: Instance, ss: ServiceState | None = None, routable: int = 0,
           slurm_ok: bool = True) -> tuple:
     w = service_status(instances, ss, routable=routable, slurm_ok=slurm_ok, now=NOW)
     return w.status, w.stage, w.message

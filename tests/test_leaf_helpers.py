@@ -7,7 +7,6 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
-from typing import Set
 
 import pytest
 
@@ -18,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WEB = {"chatai", "gateway", "hpcbridge", "api", "django", "rest_framework"}
 
 
-def imported_packages(path: Path) -> Set[str]:
+def imported_packages(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
-    out: Set[str] = set()
+    out: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out |= {alias.name.split(".")[0] for alias in node.names}

@@ -10,8 +10,8 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, List
 
 import pytest
 
@@ -39,7 +39,7 @@ class Jobs:
         self.state = tmp_path / "state"
         self.state.mkdir()
         self.launcher = LocalLauncher(self.state)
-        self.groups: List[int] = []
+        self.groups: list[int] = []
 
     def submit(self, main_seconds: int = 300) -> int:
         script = self.tmp / f"job{len(self.groups)}.sh"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import http.client
 import urllib.parse
-from typing import Dict, Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import pytest
 
@@ -37,7 +37,7 @@ class Site:
 
 
 def get(url: str, path: str, *, source: str = "127.0.0.1",
-        headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], bytes]:
+        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20, source_address=(source, 0))
     try:
@@ -48,7 +48,7 @@ def get(url: str, path: str, *, source: str = "127.0.0.1",
         conn.close()
 
 
-def bearer(token: str) -> Dict[str, str]:
+def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 

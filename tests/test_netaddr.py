@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Dict
-
 import pytest
 
 from chatai.netaddr import client_address, known_client_address, networks
@@ -11,7 +9,7 @@ from chatai.netaddr import client_address, known_client_address, networks
 PROXY = ["127.0.0.1", "10.0.0.0/8"]
 
 
-def meta(peer: str, **headers: str) -> Dict[str, str]:
+def meta(peer: str, **headers: str) -> dict[str, str]:
     return {"REMOTE_ADDR": peer, **{f"HTTP_{k.upper()}": v for k, v in headers.items()}}
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.sshd, pytest.mark.root]
 
 
 def test_a_request_for_a_model_at_zero_is_held_through_the_slurm_cold_start(
-        slurm1: SlurmCluster, hpcside_on: Callable[[Optional[SlurmCluster]], Hpcside]) -> None:
+        slurm1: SlurmCluster, hpcside_on: Callable[[SlurmCluster | None], Hpcside]) -> None:
     h = hpcside_on(slurm1)
     # The stub "loads" for 2 s, like a model, so the starting stage is visible.
     h.write_config(h.stub_service(min_instances=0, env="STUB_MODE=slow:2"), hold_timeout="60s")
@@ -28,7 +29,7 @@ def test_a_request_for_a_model_at_zero_is_held_through_the_slurm_cold_start(
                                        user=h.account.name, key_file=str(sshd.client_key),
                                        known_hosts=str(sshd.known_hosts))).start()
         try:
-            async def ask() -> List[Any]:
+            async def ask() -> list[Any]:
                 body = json.dumps({"model": "stub-model", "stream": True,
                                    "messages": [{"role": "user", "content": "What is the capital of France?"}]})
                 return [e async for e in plat.stream("POST", "/v1/chat/completions", "stub-model", {},

@@ -6,8 +6,9 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ def sshd(side: Hpcside) -> Iterator[SSHServer]:
 
 
 def platform_config(sshd: SSHServer, **kw: Any) -> PlatformConfig:
-    values: Dict[str, Any] = dict(name="test", transport="ssh", host="127.0.0.1", port=sshd.port,
+    values: dict[str, Any] = dict(name="test", transport="ssh", host="127.0.0.1", port=sshd.port,
                                   user=sshd.account.name, key_file=str(sshd.client_key),
                                   known_hosts=str(sshd.known_hosts), keepalive=1.0, dead_after=5.0)
     values.update(kw)
@@ -55,8 +56,8 @@ def platform(sshd: SSHServer) -> Iterator[Platform]:
 CHAT = {"model": "stub-model", "messages": [{"role": "user", "content": "hello"}]}
 
 
-async def collect(plat: Platform, body: Dict[str, Any], path: str = "/v1/chat/completions",
-                  headers: Dict[str, str] | None = None) -> List[Tuple[float, Any]]:
+async def collect(plat: Platform, body: dict[str, Any], path: str = "/v1/chat/completions",
+                  headers: dict[str, str] | None = None) -> list[tuple[float, Any]]:
     start = time.monotonic()
     out = []
     async for event in plat.stream("POST", path, body.get("model", ""), headers or {"content-type": "application/json"},
@@ -65,7 +66,7 @@ async def collect(plat: Platform, body: Dict[str, Any], path: str = "/v1/chat/co
     return out
 
 
-def stub_stats(side: Hpcside) -> Dict[str, Any]:
+def stub_stats(side: Hpcside) -> dict[str, Any]:
     (entry,) = side.routing()["models"]["stub-model"]
     with urllib.request.urlopen(f"{entry['url']}/stub/stats", timeout=5) as resp:  # noqa: S310 - loopback
         return dict(json.load(resp))
@@ -199,7 +200,7 @@ def test_a_client_that_goes_away_cancels_the_upstream_request(platform: Platform
 
 
 def test_many_concurrent_streams_share_one_connection(platform: Platform) -> None:
-    async def many() -> List[List[Tuple[float, Any]]]:
+    async def many() -> list[list[tuple[float, Any]]]:
         return list(await asyncio.gather(*(collect(platform, {**CHAT, "stream": True}) for _ in range(50))))
 
     results = asyncio.run(many())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Any
 
 from hpcside.resume import Transcript
 
@@ -13,16 +13,16 @@ def ev(obj: Any) -> bytes:
 
 
 def chunk(content: str, sid: str = "chatcmpl-1", created: int = 100, finish: Any = None,
-          role: bool = False) -> Dict[str, Any]:
-    delta: Dict[str, Any] = {"content": content}
+          role: bool = False) -> dict[str, Any]:
+    delta: dict[str, Any] = {"content": content}
     if role:
         delta["role"] = "assistant"
     return {"id": sid, "object": "chat.completion.chunk", "created": created, "model": "m",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
-def parse(raw: bytes) -> List[Any]:
-    out: List[Any] = []
+def parse(raw: bytes) -> list[Any]:
+    out: list[Any] = []
     for block in raw.split(b"\n\n"):
         if block.startswith(b"data: "):
             payload = block[6:]

@@ -13,8 +13,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any
 
 import pytest
 
@@ -45,11 +46,11 @@ class Site:
         self.platform = Platform(PlatformConfig(name="local", transport="local", keepalive=1.0,
                                                 hpcside_config=str(self.config_path))).start()
 
-    def routes(self) -> List[Dict[str, Any]]:
+    def routes(self) -> list[dict[str, Any]]:
         data = read_json(self.state / "routing.json")
         return (data or {}).get("models", {}).get("stub-model", []) if isinstance(data, dict) else []
 
-    def wait_ready(self, count: int, timeout: float = 30.0, besides: Tuple[str, ...] = ()) -> List[str]:
+    def wait_ready(self, count: int, timeout: float = 30.0, besides: tuple[str, ...] = ()) -> list[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ids = [r["id"] for r in self.routes() if r["id"] not in besides]
@@ -90,16 +91,16 @@ def site1(tmp_path: Path) -> Iterator[Site]:
     site.close()
 
 
-def events_of(raw: bytes) -> List[str]:
+def events_of(raw: bytes) -> list[str]:
     return [block[len("data: "):] for block in raw.decode().split("\n\n") if block.startswith("data: ")]
 
 
-async def stream_and_kill(site: Site, path: str, body: Dict[str, Any],
-                          kill_after: int) -> Tuple[Head, bytes, List[Progress]]:
+async def stream_and_kill(site: Site, path: str, body: dict[str, Any],
+                          kill_after: int) -> tuple[Head, bytes, list[Progress]]:
     """Stream a request; after ``kill_after`` data events, SIGKILL the instance serving it."""
     head: Any = None
     raw = b""
-    progress: List[Progress] = []
+    progress: list[Progress] = []
     killed = False
     async for event in site.platform.stream("POST", path, "stub-model", {"content-type": "application/json"},
                                             json.dumps(body).encode()):
@@ -164,7 +165,7 @@ def test_requests_after_an_instance_died_are_answered_not_refused(site2: Site) -
     victim = site2.wait_ready(2)[0]
     site2.kill(victim)
 
-    async def many() -> List[Any]:
+    async def many() -> list[Any]:
         async def one() -> Any:
             try:
                 return (await site2.platform.request("POST", "/v1/chat/completions", "stub-model",

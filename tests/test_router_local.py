@@ -11,8 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
 
 @pytest.fixture
-def stub() -> Iterator[Dict[str, Any]]:
+def stub() -> Iterator[dict[str, Any]]:
     port = free_port()
     env = {**os.environ, "VLLM_API_KEY": "tok-live"}
     proc = subprocess.Popen([sys.executable, str(SUPPORT / "stub_vllm.py"), "--port", str(port), "--model", "m"],
@@ -44,7 +45,7 @@ def stub() -> Iterator[Dict[str, Any]]:
 
 
 @pytest.fixture
-def state(tmp_path: Path, stub: Dict[str, Any]) -> Path:
+def state(tmp_path: Path, stub: dict[str, Any]) -> Path:
     """A routing table with one live instance, written as the scheduler would."""
     state = tmp_path / "state"
     ensure_dirs(state)
@@ -68,8 +69,8 @@ def platform(state: Path) -> Iterator[Platform]:
 
 
 def test_load_is_published_while_requests_are_in_flight(platform: Platform, state: Path) -> None:
-    async def slow_and_watch() -> List[Dict[str, Any]]:
-        seen: List[Dict[str, Any]] = []
+    async def slow_and_watch() -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = []
         agen = platform.stream("POST", "/v1/chat/completions", "m", {},
                                json.dumps({**CHAT, "stream": True, "stub_delay": 0.5}).encode())
         async for event in agen:

@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, List
 
 import pytest
 
@@ -30,7 +30,7 @@ def data_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def env_for(data_dir: Path) -> Dict[str, str]:
+def env_for(data_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS", "HPC", "DJANGO", "OIDC"))}
     env.update({"CHATAI_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"})
     return env
@@ -121,7 +121,7 @@ renewal_margin = 5m
     assert not pids, (pids, status)
 
 
-def start_in_own_group(argv: List[str], **kwargs: object) -> subprocess.Popen:  # type: ignore[type-arg]
+def start_in_own_group(argv: list[str], **kwargs: object) -> subprocess.Popen:  # type: ignore[type-arg]
     """Start a command as a terminal would: its own process group, SIGINT at its default.
 
     A suite started as a background job (``cmd &``) runs with SIGINT ignored, and an ignored
@@ -212,7 +212,7 @@ def test_the_run_command_serves_the_real_model_and_ctrl_c_stops_everything(data_
                                                 messages=question)  # type: ignore[arg-type]
         assert "Paris" in (answer.choices[0].message.content or ""), answer
         chat_in_the_browser(f"http://127.0.0.1:{port}", password.group(1))
-        ports: List[str] = re.findall(r"ready in \d+ s \(http://127\.0\.0\.1:(\d+)\)", text)
+        ports: list[str] = re.findall(r"ready in \d+ s \(http://127\.0\.0\.1:(\d+)\)", text)
         assert ports, text
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group

@@ -10,7 +10,8 @@ import http.client
 import json
 import subprocess
 import time
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -19,10 +20,10 @@ from tests.harness.slurm import SlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root]
 
-MakeHpcside = Callable[[Optional[SlurmCluster]], Hpcside]
+MakeHpcside = Callable[[SlurmCluster | None], Hpcside]
 
 
-def get(url: str, path: str, token: Optional[str] = None) -> int:
+def get(url: str, path: str, token: str | None = None) -> int:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=5)
     try:
@@ -32,7 +33,7 @@ def get(url: str, path: str, token: Optional[str] = None) -> int:
         conn.close()
 
 
-def routed(h: Hpcside, model: str = "stub-model") -> list[Dict[str, Any]]:
+def routed(h: Hpcside, model: str = "stub-model") -> list[dict[str, Any]]:
     return list(h.routing()["models"].get(model, []))
 
 

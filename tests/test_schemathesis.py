@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable, Iterator, List, Optional, Tuple
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
@@ -33,7 +33,7 @@ CHECKS = [not_a_server_error, ignored_auth, status_code_conformance, content_typ
 MODELS = st.sampled_from([None, "stub-model"])  # None: the generated name (most do not exist)
 
 
-def steer(pair: Tuple[schemathesis.Case, Optional[str]]) -> schemathesis.Case:
+def steer(pair: tuple[schemathesis.Case, str | None]) -> schemathesis.Case:
     """Half the cases name the stub model, so they reach the platform instead of stopping at 404."""
     case, model = pair
     if model is not None:
@@ -76,8 +76,8 @@ def api_schema(app: LiveApp, auth: dict) -> schemathesis.BaseSchema:
 def test_no_5xx_and_every_answer_as_documented(api_schema: schemathesis.BaseSchema, auth: dict) -> None:
     # One Hypothesis run per operation, driven here: schemathesis' lazy pytest fixture loader
     # (schemathesis.pytest.from_fixture) uses a pytest attribute that pytest 9 no longer has.
-    failures: List[str] = []
-    seen: Counter[Tuple[str, int]] = Counter()
+    failures: list[str] = []
+    seen: Counter[tuple[str, int]] = Counter()
 
     def runner(name: str, strategy: st.SearchStrategy) -> Callable[[], None]:
         @given(case=strategy)

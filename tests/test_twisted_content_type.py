@@ -3,8 +3,6 @@ answers as Twisted's own parser, in process."""
 
 from __future__ import annotations
 
-from typing import List
-
 import pytest
 from twisted.web import http
 
@@ -24,7 +22,7 @@ def test_it_answers_like_twisteds_own_parser() -> None:
 
 
 def test_only_other_media_types_reach_the_slow_parser() -> None:
-    seen: List[bytes] = []
+    seen: list[bytes] = []
 
     def slow(line: bytes) -> bytes:
         seen.append(line)

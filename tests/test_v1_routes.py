@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Dict, List
+from typing import Any
 
 from django.test import AsyncClient
 from django.urls import resolve
@@ -32,16 +32,16 @@ def test_djangos_resolver_has_one_pattern_for_v1_that_goes_through_route() -> No
         assert match.kwargs == {"rest": path[len("/v1/"):]}
 
 
-def call_front(path: str) -> List[Dict[str, Any]]:
-    sent: List[Dict[str, Any]] = []
+def call_front(path: str) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
     scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
              "root_path": "", "scheme": "http", "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
              "headers": [(b"host", b"testserver")]}
 
-    async def receive() -> Dict[str, Any]:
+    async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: Dict[str, Any]) -> None:
+    async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
     asyncio.run(ApiApp(route)(scope, receive, send))

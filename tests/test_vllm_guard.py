@@ -14,8 +14,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any
 
 import pytest
 
@@ -31,7 +32,7 @@ MODEL = "smol"
 
 
 @pytest.fixture(scope="module")
-def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]]:
+def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     python, model_dir = runtime()
     home = tmp_path_factory.mktemp("guard")
     state = home / "state"
@@ -63,8 +64,8 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any
         LocalLauncher(state).kill_all(config.settings.job_prefix)
 
 
-def call(inst: Dict[str, Any], method: str, path: str, token: Optional[str] = None,
-         body: Optional[Dict[str, Any]] = None) -> Tuple[int, bytes]:
+def call(inst: dict[str, Any], method: str, path: str, token: str | None = None,
+         body: dict[str, Any] | None = None) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -83,8 +84,8 @@ PATHS = [("GET", "/health", None), ("GET", "/metrics", None), ("GET", "/v1/model
 
 
 @pytest.mark.parametrize("method,path,body", PATHS, ids=[p for _, p, _ in PATHS])
-def test_every_path_of_vllm_needs_the_instance_token(instance: Dict[str, Any], method: str, path: str,
-                                                     body: Optional[Dict[str, Any]]) -> None:
+def test_every_path_of_vllm_needs_the_instance_token(instance: dict[str, Any], method: str, path: str,
+                                                     body: dict[str, Any] | None) -> None:
     status, answer = call(instance, method, path, None, body)
     assert status == 401, (path, status, answer[:200])
     assert call(instance, method, path, "not-the-token", body)[0] == 401
@@ -93,7 +94,7 @@ def test_every_path_of_vllm_needs_the_instance_token(instance: Dict[str, Any], m
     assert status == 200, (path, status, answer[:200])
 
 
-def test_the_job_output_holds_no_prompt_and_no_reply(instance: Dict[str, Any]) -> None:
+def test_the_job_output_holds_no_prompt_and_no_reply(instance: dict[str, Any]) -> None:
     canary = f"canary-{uuid.uuid4().hex[:12]}"
     prompt = f"Repeat this word exactly: {canary}"
     status, raw = call(instance, "POST", "/v1/chat/completions", instance["token"],

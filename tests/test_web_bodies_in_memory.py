@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Iterator, List, Set, Tuple
+from collections.abc import Iterator
 
 import pytest
 
@@ -41,7 +41,7 @@ def key(app: LiveApp) -> str:
     return app.create_key("alice")
 
 
-def open_files(pid: int) -> Set[str]:
+def open_files(pid: int) -> set[str]:
     """What the process's file descriptors point to (files, sockets, pipes)."""
     targets = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -60,7 +60,7 @@ class FileWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.ignore_under = pid, ignore_under
         self.baseline = open_files(pid)
-        self.seen: Set[str] = set()
+        self.seen: set[str] = set()
         self.samples = 0
         self.done = threading.Event()
 
@@ -88,7 +88,7 @@ def prompt_body(size: int) -> bytes:
 
 
 def slow_post(app: LiveApp, key: str, body: bytes, *, chunked: bool, piece: int = 32 * 1024,
-              pause: float = 0.02) -> Tuple[int, bytes]:
+              pause: float = 0.02) -> tuple[int, bytes]:
     """POST /v1/chat/completions, sending the body in pieces with pauses; the status and response."""
     head = ["POST /v1/chat/completions HTTP/1.1", f"Host: 127.0.0.1:{app.ports[0]}",
             f"Authorization: Bearer {key}", "Content-Type: application/json", "Connection: close"]
@@ -101,7 +101,7 @@ def slow_post(app: LiveApp, key: str, body: bytes, *, chunked: bool, piece: int 
             time.sleep(pause)
         if chunked:
             sock.sendall(b"0\r\n\r\n")
-        response: List[bytes] = []
+        response: list[bytes] = []
         while True:
             data = sock.recv(65536)
             if not data:

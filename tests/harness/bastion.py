@@ -10,7 +10,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 from .accounts import HarnessError, run
 from .slurm import free_port
@@ -31,11 +30,11 @@ def ensure_jump_account(name: str = JUMP_USER) -> str:
 @dataclass
 class Bastion:
     target_port: int  # the login node's sshd on 127.0.0.1
-    pubkeys: List[str]  # public keys (lines) allowed to jump
+    pubkeys: list[str]  # public keys (lines) allowed to jump
     user: str = field(default_factory=ensure_jump_account)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chatai-bastion-", dir="/run")))
     port: int = 0
-    proc: Optional[subprocess.Popen[bytes]] = None
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def known_hosts(self) -> Path:

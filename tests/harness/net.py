@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
-def wait_http(url: str, timeout: float, what: str, why: Optional[Callable[[], str]] = None) -> bytes:
+def wait_http(url: str, timeout: float, what: str, why: Callable[[], str] | None = None) -> bytes:
     """GET ``url`` until it answers 2xx; its body. Raises with ``why()`` (a log tail, say) on timeout."""
     deadline = time.monotonic() + timeout
     while True:

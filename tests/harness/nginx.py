@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import List
 
 from tests.harness.accounts import stop_process_group
 from tests.harness.net import wait_http
@@ -26,7 +25,7 @@ def deploy_guide_config() -> str:
     """The indented nginx block under "### The reverse proxy (nginx)" in docs/deploy.md."""
     text = DEPLOY_GUIDE.read_text()
     section = text.split("### The reverse proxy (nginx)", 1)[1]
-    lines: List[str] = []
+    lines: list[str] = []
     for line in section.splitlines()[1:]:
         if line.startswith("    ") or (not line.strip() and lines):
             lines.append(line[4:])
@@ -36,7 +35,7 @@ def deploy_guide_config() -> str:
 
 
 class Nginx:
-    def __init__(self, upstreams: List[str]) -> None:
+    def __init__(self, upstreams: list[str]) -> None:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(binary).exists():
             raise RuntimeError("nginx is missing: scripts/test.sh installs it (apt-get install nginx-light)")

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict
 
 from tests.harness.accounts import stop_process_group
 from tests.harness.net import wait_http
@@ -18,7 +17,7 @@ ARTIFACTS = SERVER.parent.parent.parent / "test-artifacts"
 
 
 class OIDCProvider:
-    def __init__(self, app_url: str, accounts: Dict[str, dict]) -> None:
+    def __init__(self, app_url: str, accounts: dict[str, dict]) -> None:
         if not (SERVER / "node_modules" / "oidc-provider").is_dir():
             raise RuntimeError("oidc-provider is not installed: scripts/test.sh installs it (npm ci in "
                                f"{SERVER})")
@@ -42,7 +41,7 @@ class OIDCProvider:
     def issuer(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def app_env(self) -> Dict[str, str]:
+    def app_env(self) -> dict[str, str]:
         """What the web app needs to sign users in here (as an operator would set it)."""
         d = self.discovery
         return {"OIDC_RP_CLIENT_ID": self.client_id, "OIDC_RP_CLIENT_SECRET": self.client_secret,

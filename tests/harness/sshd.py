@@ -11,7 +11,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from .accounts import Account, HarnessError, run
 from .slurm import free_port
@@ -33,7 +32,7 @@ class SSHServer:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chatai-sshd-", dir="/run")))
     port: int = 0
     slurm_env: str = ""  # e.g. SLURM_CONF=/path: set for the ForceCommand like a login node's profile
-    proc: Optional[subprocess.Popen[bytes]] = None
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def client_key(self) -> Path:
@@ -93,8 +92,8 @@ class SSHServer:
         path = self.root / "sshd.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def ssh(self, *args: str, command: Optional[str] = None, timeout: float = 30,
-            input: Optional[bytes] = None) -> subprocess.CompletedProcess[bytes]:
+    def ssh(self, *args: str, command: str | None = None, timeout: float = 30,
+            input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         """The OpenSSH client with the web server's key, as an attacker holding it would use it."""
         argv = ["ssh", "-i", str(self.client_key), "-p", str(self.port), "-o", "BatchMode=yes",
                 "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",

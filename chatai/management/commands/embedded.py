@@ -18,7 +18,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -131,7 +131,7 @@ class Command(BaseCommand):
 
     # -- warm --------------------------------------------------------------------------
 
-    def service_state(self, config: Config) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    def service_state(self, config: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """What `hpcside status` shows of the service, and its instances."""
         info = collect(config)
         service = next(s for s in info["services"] if s["service"] == SERVICE)

@@ -8,14 +8,11 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests.live import LiveApp
-
-SENTENCE = "The capital of France is Paris."
-ASK = [{"role": "user", "content": "What is the capital of France?"}]
+from tests.test_faults_live import ASK, SENTENCE, one_stream
 
 
 @pytest.fixture
@@ -26,19 +23,6 @@ def app() -> Iterator[LiveApp]:
         yield live
     finally:
         live.stop()
-
-
-async def one_stream(client: Any) -> tuple[str, str | None]:
-    text = ""
-    try:
-        stream = await client.chat.completions.create(model="stub-model", messages=ASK, stream=True,
-                                                      extra_body={"stub_delay": 0.1, "stub_repeat": 4})
-        async for chunk in stream:
-            if chunk.choices:
-                text += chunk.choices[0].delta.content or ""
-        return text, None
-    except Exception as exc:  # noqa: BLE001 - what the client sees is the result
-        return text, f"{type(exc).__name__}: {exc}"
 
 
 def refused(port: int) -> bool:
@@ -58,7 +42,7 @@ def test_sigterm_lets_the_streams_in_flight_finish_and_takes_no_new_connection(a
 
     async def run() -> tuple[list[tuple[str, str | None]], bool]:
         assert (await client.chat.completions.create(model="stub-model", messages=ASK)).choices  # warm
-        streams = [asyncio.ensure_future(one_stream(client)) for _ in range(8)]
+        streams = [asyncio.ensure_future(one_stream(client, repeat=8)) for _ in range(8)]  # 2.8 s each
         await asyncio.sleep(1.0)
         os.kill(daphne.pid, signal.SIGTERM)
         await asyncio.sleep(0.5)
@@ -68,7 +52,7 @@ def test_sigterm_lets_the_streams_in_flight_finish_and_takes_no_new_connection(a
     done, closed = asyncio.run(run())
     errors = [e for _, e in done if e]
     assert not errors, f"{len(errors)} of 8 streams were cut: {errors[:2]}"
-    assert [t for t, _ in done] == [SENTENCE * 4] * 8
+    assert [t for t, _ in done] == [SENTENCE * 8] * 8
     assert closed, "the stopping worker still accepted connections"
     deadline = time.monotonic() + 15
     while daphne.poll() is None and time.monotonic() < deadline:

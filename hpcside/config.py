@@ -24,6 +24,10 @@ SERVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # no shell or path tricks, bounded.
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$")
 SLURM_WORD_RE = re.compile(r"^[A-Za-z0-9_.,:=+-]{1,128}$")
+# A feature expression (--constraint): names joined by & | , with optional [..] groups and *N counts.
+CONSTRAINT_RE = re.compile(r"^[A-Za-z0-9_.\-]+(\*[0-9]+)?([&|,][A-Za-z0-9_.\-\[\]]+(\*[0-9]+)?)*$")
+# Generic resources (--gres): name[:type][:count], comma-separated, e.g. "gpu:a100:2,nvme:1".
+GRES_RE = re.compile(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_.\-]+){0,2}(,[A-Za-z0-9_]+(:[A-Za-z0-9_.\-]+){0,2})*$")
 SBATCH_OPTION_RE = re.compile(r"^--[a-z][a-z-]*(=[A-Za-z0-9_.,:=/+@%-]+)?$")
 ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 BUILTIN_TEMPLATES = ("vllm-gpu", "vllm-cpu")
@@ -214,6 +218,12 @@ class ServiceConfig:
     cpus: int = 1
     memory: str = ""
     partition: str = ""
+    # Per-service Slurm options (account and qos override [hpcside]'s; gres replaces gpu:N).
+    account: str = ""
+    qos: str = ""
+    reservation: str = ""
+    constraint: str = ""
+    gres: str = ""
     sbatch_args: Tuple[str, ...] = ()
     env: Tuple[Tuple[str, str], ...] = ()
     min_instances: int = 0
@@ -454,6 +464,11 @@ def _service_fields(base: Path) -> Dict[str, _Field]:
         "cpus": _Field(_at_least(1)),
         "memory": _Field(_memory),
         "partition": _Field(_pattern(SLURM_WORD_RE, "partition")),
+        "account": _Field(_pattern(SLURM_WORD_RE, "account")),
+        "qos": _Field(_pattern(SLURM_WORD_RE, "qos")),
+        "reservation": _Field(_pattern(SLURM_WORD_RE, "reservation")),
+        "constraint": _Field(_pattern(CONSTRAINT_RE, "constraint (features joined by & | ,)")),
+        "gres": _Field(_pattern(GRES_RE, "gres (name[:type][:count], comma-separated)")),
         "sbatch_args": _Field(_sbatch_args),
         "env": _Field(_env),
         "min_instances": _Field(_parse_int),

@@ -65,17 +65,19 @@ def template_text(name: str) -> str:
 def sbatch_header(svc: ServiceConfig, settings: Settings) -> str:
     """Resource requests as #SBATCH lines; every value was validated by the config."""
     lines = [f"#SBATCH --time={slurm_time(svc.walltime)}", f"#SBATCH --cpus-per-task={svc.cpus}"]
-    if svc.gpus:
+    if svc.gres:
+        lines.append(f"#SBATCH --gres={svc.gres}")
+    elif svc.gpus:
         lines.append(f"#SBATCH --gres=gpu:{svc.gpus}")
     if svc.memory:
         lines.append(f"#SBATCH --mem={svc.memory}")
     partition = svc.partition or settings.partition
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
-    if settings.account:
-        lines.append(f"#SBATCH --account={settings.account}")
-    if settings.qos:
-        lines.append(f"#SBATCH --qos={settings.qos}")
+    for option, value in (("account", svc.account or settings.account), ("qos", svc.qos or settings.qos),
+                          ("reservation", svc.reservation), ("constraint", svc.constraint)):
+        if value:
+            lines.append(f"#SBATCH --{option}={value}")
     # Signal the batch shell 60 s before walltime so vLLM can stop cleanly.
     lines.append("#SBATCH --signal=B:TERM@60")
     lines += [f"#SBATCH {arg}" for arg in (*settings.sbatch_args, *svc.sbatch_args)]

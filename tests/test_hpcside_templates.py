@@ -24,7 +24,7 @@ account = proj42
 qos = service
 vllm = /opt/vllm/bin/vllm
 python = /opt/vllm/bin/python3
-sbatch_args = --constraint=a100
+sbatch_args = --exclusive
 
 [service:llama]
 model = meta-llama/Llama-3.1-8B-Instruct
@@ -38,6 +38,10 @@ cpus = 8
 memory = 64G
 walltime = 1-00:00:00
 env = HF_HOME=/scratch/hf NCCL_DEBUG=WARN
+qos = llm-high
+reservation = llm-service
+constraint = a100&ib
+gres = gpu:a100:2
 
 [service:smol]
 model = smollm2-135m
@@ -131,3 +135,31 @@ def test_request_logging_is_turned_off_with_the_flag_the_installed_vllm_knows(tm
 def test_an_unknown_placeholder_is_an_error() -> None:
     with pytest.raises(TemplateError, match="unknown placeholder"):
         fill("{{ nope }}", {"model": "x"})
+
+
+def test_per_service_slurm_options_reach_the_job_header(config) -> None:  # type: ignore[no-untyped-def]
+    from hpcside.templates import sbatch_header
+
+    llama = sbatch_header(config.services["llama"], config.settings).splitlines()
+    assert "#SBATCH --qos=llm-high" in llama and "#SBATCH --qos=service" not in llama  # the service's own
+    assert "#SBATCH --account=proj42" in llama  # [hpcside]'s, as the service names none
+    assert {"#SBATCH --reservation=llm-service", "#SBATCH --constraint=a100&ib",
+            "#SBATCH --gres=gpu:a100:2"} <= set(llama)
+    assert "#SBATCH --gres=gpu:2" not in llama  # gres replaces what gpus would ask for
+    smol = sbatch_header(config.services["smol"], config.settings)
+    assert "--qos=service" in smol and "--reservation" not in smol and "--gres" not in smol
+
+
+@pytest.mark.parametrize("field, value", [
+    ("account", "proj 42"), ("qos", "high\n  --uid=0"), ("reservation", "r;rm -rf"),
+    ("constraint", "a100 && ib"), ("constraint", "a100\n  ib"), ("gres", "gpu:a100:2:x"), ("gres", "gpu=2"),
+])
+def test_a_bad_slurm_option_is_a_config_error_naming_the_field(tmp_path: Path, field: str, value: str) -> None:
+    from hpcside.config import ConfigError
+
+    path = tmp_path / "services.ini"  # an indented next line continues the value, as configparser reads it
+    path.write_text("[hpcside]\nstate_dir = s\n\n[service:x]\ntemplate = vllm-cpu\nmodel_path = /m\n"
+                    f"{field} = {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert f"[service:x] {field}:" in str(err.value), str(err.value)

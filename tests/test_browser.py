@@ -29,6 +29,14 @@ pytestmark = [pytest.mark.browser, pytest.mark.redis, pytest.mark.live]
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium's own connections are refused by this closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def launch_chromium(pw):  # type: ignore[no-untyped-def]
+    """Debian's Chromium, headless, as every browser test starts it."""
+    return pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 CANARY = f"CANARY{uuid.uuid4().hex[:16]}"
 ACCOUNTS = {"alice@uni.example": {"email": "alice@uni.example", "given_name": "Alice", "family_name": "Example",
                                   "groups": ["physics", "staff-unrelated"]}}
@@ -53,9 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
                   "o = ModelOverlay.objects.create(model_id='cold-model', display_name='Cold Model')\n"
                   "o.groups.add(Group.objects.get_or_create(name='physics')[0])")
         with playwright_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = launch_chromium(pw)
             context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 800})
             context.grant_permissions(["clipboard-read", "clipboard-write"], origin=app.url)
             page = context.new_page()

@@ -20,11 +20,11 @@ import pytest
 from tests.harness.oidc import OIDCProvider
 from tests.harness.slurm import free_port
 from tests.live import LiveApp, stub_service
+from tests.test_browser import CHROMIUM, launch_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.redis, pytest.mark.live, pytest.mark.root]
 
 playwright_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = "/usr/bin/chromium"
 CANARY = f"CANARY{uuid.uuid4().hex[:16]}"
 ALICE, BOB, TWIN = "u-4f1c9a", "u-8b2d77", "operator"
 ACCOUNTS = {
@@ -50,9 +50,7 @@ def stack() -> Iterator[tuple]:
                   "u.groups.add(Group.objects.get_or_create(name='physics')[0])\n"
                   f"User.objects.create_superuser({TWIN!r}, password='local-operator-pw-123')")
         with playwright_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = launch_chromium(pw)
             context = browser.new_context()  # one profile for every user: a shared computer
             page = context.new_page()
             page.set_default_timeout(30_000)

@@ -39,12 +39,11 @@ def cold_start(app: LiveApp, url: str, model: str) -> None:
 def test_an_open_chat_page_sees_a_model_start_without_a_reload(app: LiveApp) -> None:
     from playwright import sync_api
 
-    from tests.test_browser import ARTIFACTS, CHROMIUM, wait_js
+    from tests.test_browser import ARTIFACTS, launch_chromium, wait_js
 
     option = "document.querySelector('#model option[value=\"other-model\"]')"
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page()
             page.set_default_timeout(30_000)
@@ -94,13 +93,12 @@ def test_the_socket_takes_only_signed_in_sessions_from_the_sites_origin(app: Liv
 def test_the_staff_platform_view_follows_a_model_live(app: LiveApp) -> None:
     from playwright import sync_api
 
-    from tests.test_browser import CHROMIUM, wait_js
+    from tests.test_browser import launch_chromium, wait_js
 
     app.shell("from django.contrib.auth.models import User\n"
               "User.objects.create_user('olga', password='pw-olga-123', is_staff=True)\n")
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page()
             page.set_default_timeout(30_000)

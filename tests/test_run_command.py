@@ -152,11 +152,10 @@ def chat_in_the_browser(url: str, password: str) -> None:
     """Sign in with the printed login and ask the real model in the chat page (Chromium)."""
     from playwright import sync_api
 
-    from tests.test_browser import ARTIFACTS, CHROMIUM, wait_js
+    from tests.test_browser import ARTIFACTS, launch_chromium, wait_js
 
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 720})
             page.set_default_timeout(60_000)

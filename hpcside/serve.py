@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import __version__
 from . import protocol as p
@@ -140,8 +140,9 @@ class Router:
     def mark_failed(self, iid: str) -> None:
         self.suspect[iid] = time.time()
 
-    def pick(self, model: str, exclude: Set[str]) -> Optional[Instance]:
-        candidates = [i for i in self.table().get(model, []) if i.iid not in exclude and i.iid not in self.suspect]
+    def pick(self, model: str) -> Optional[Instance]:
+        """The ready instance with the fewest requests in flight, leaving out those that just failed here."""
+        candidates = [i for i in self.table().get(model, []) if i.iid not in self.suspect]
         if not candidates:
             return None
         return min(candidates, key=lambda i: self.inflight.get(i.iid, 0))
@@ -423,7 +424,7 @@ class Session:
         attempt = body
         failures = 0
         while True:
-            inst = self.router.pick(model, set())
+            inst = self.router.pick(model)
             if inst is None:
                 try:
                     inst = await self.hold(sid, svc, hold_from)
@@ -517,7 +518,7 @@ class Session:
         limit = self.config.settings.hold_timeout
         try:
             while True:
-                inst = self.router.pick(svc.model, set())
+                inst = self.router.pick(svc.model)
                 if inst is not None:
                     self.send_json(p.PROGRESS, sid, {"stage": Stage.READY.value,
                                                      "elapsed": round(time.monotonic() - started, 1)})

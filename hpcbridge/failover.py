@@ -18,6 +18,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from common.upstream import Event, Head, Progress
@@ -27,6 +28,8 @@ from hpcside.resume import Transcript
 CONTINUABLE = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 LINK_ERRORS = ("platform_link_lost", "platform_unavailable")
 POLL = 0.25
+# Links lost under one request before it gives up (a link that dies each time it comes back).
+MAX_LINK_LOSSES = 8
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ _TIER = {"ready": 0, "starting": 1, "queued": 2}
 
 
 def rank(offers: Sequence[Offer], up: dict[str, bool], inflight: dict[str, int],
-         avoid: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+         avoid: AbstractSet[str] = frozenset()) -> list[str]:
     """Platforms in the order to try them. Pure."""
     def key(o: Offer) -> tuple:
         tier = 0 if o.instances > 0 else _TIER.get(o.status, 3)
@@ -65,6 +68,7 @@ async def stream(bridge: Bridge, offers: Sequence[Offer], method: str, path: str
     attempt = body
     avoid: set[str] = set()
     deadline = time.monotonic() + link_wait
+    losses = 0
     while True:
         platform = await _choose(bridge, offers, avoid, deadline, patient=head_sent)
         if platform is None:
@@ -106,9 +110,12 @@ async def stream(bridge: Bridge, offers: Sequence[Offer], method: str, path: str
                 raise
             avoid.add(name)
             deadline = time.monotonic() + link_wait
+            losses += 1
             if not head_sent:
+                if losses > MAX_LINK_LOSSES:
+                    raise
                 continue  # nothing reached the client: try again elsewhere, or when the link is back
-            if transcript is None or transcript.finished:
+            if transcript is None or transcript.finished or losses > MAX_LINK_LOSSES:
                 yield _ending(transcript, "the link to the HPC platform was lost during the reply")
                 return
             following = transcript.continuation(body)

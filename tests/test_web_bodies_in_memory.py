@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.live import LiveApp
+from tests.live import ROOT, LiveApp
 
 CANARY = f"CANARY{uuid.uuid4().hex[:16]}"
 SPOOL_DIRS = (tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm")
@@ -54,7 +54,8 @@ def open_files(pid: int) -> set[str]:
 
 class FileWatcher(threading.Thread):
     """Lists /proc/PID/fd every millisecond; remembers every unlinked or temporary file opened that
-    was not open before (the live app's own directory, with its log and database, aside)."""
+    was not open before (the live app's own directory, with its log and database, and the project's
+    code aside)."""
 
     def __init__(self, pid: int, ignore_under: str) -> None:
         super().__init__(daemon=True)
@@ -67,7 +68,9 @@ class FileWatcher(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             for target in open_files(self.pid) - self.baseline:
-                spooled = target.startswith(SPOOL_DIRS) and not target.startswith(self.ignore_under)
+                # The project's own code and venv are not spool files, even when the checkout is under
+                # /tmp (CI clones there; Python opens a module's .pyc on a first import).
+                spooled = target.startswith(SPOOL_DIRS) and not target.startswith((self.ignore_under, str(ROOT)))
                 if "(deleted)" in target or spooled:
                     self.seen.add(target)
             self.samples += 1

@@ -45,4 +45,4 @@ class ChatSessionAuthentication(SessionAuthentication):
         result = super().authenticate(request)
         if result is None or not session_is_current(request._request.session):
             return None
-        return result[0], caller_by_user(result[0])
+        return result[0], caller_by_user(result[0], request._request.session)

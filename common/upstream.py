@@ -24,7 +24,8 @@ class UpstreamError(Exception):
 class Head:
     status: int
     headers: dict[str, str]
-    instance: str = ""
+    instance: str = ""  # the model instance that answered (an HPC platform's), for the charge-back
+    platform: str = ""  # the HPC platform it runs on
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from gateway.errors import ApiError
 from gateway.keys import api_key_authenticate, api_key_touch
 from gateway.limits import Limits, group_ids_of, key_limits_for, limiter, user_limits_for
 from gateway.models import ApiKey
+from gateway.projects import SESSION_KEY, ProjectRef, project_for_key, project_for_session
 from gateway.threads import in_thread
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -37,6 +38,7 @@ class Caller:
     group_ids: frozenset[int]
     limits: Limits  # the user's, for all their keys and the chat page together
     key_limits: Limits | None = None  # the key's own policy, on top of the user's
+    project: ProjectRef | None = None  # charged with the request's usage: the key's, or the session's choice
 
     @property
     def subject(self) -> str:
@@ -51,9 +53,10 @@ class Caller:
         return out
 
 
-def _complete(user: Any, key: ApiKey | None) -> Caller:
+def _complete(user: Any, key: ApiKey | None, chosen_project: Any = None) -> Caller:
     groups = group_ids_of(user)
-    return Caller(user, key, groups, user_limits_for(user, groups), key_limits_for(key))
+    project = project_for_key(key) if key is not None else project_for_session(user, groups, chosen_project)
+    return Caller(user, key, groups, user_limits_for(user, groups), key_limits_for(key), project)
 
 
 def _refused(wait: float) -> ApiError:
@@ -89,9 +92,9 @@ def caller_by_key(token: str, address: str) -> Caller:
     return _by_key(token, address)
 
 
-def caller_by_user(user: Any) -> Caller:
+def caller_by_user(user: Any, session: Any = None) -> Caller:
     """The caller for a signed-in user (a session already checked by Django). Sync."""
-    return _complete(user, None)
+    return _complete(user, None, session.get(SESSION_KEY) if session is not None else None)
 
 
 def _by_session(request: HttpRequest, address: str) -> Caller | None:
@@ -104,7 +107,7 @@ def _by_session(request: HttpRequest, address: str) -> Caller | None:
     user = get_user(request)
     if not user.is_authenticated or not session_is_current(request.session):
         return None  # signed out, disabled, or single sign-on's check with the provider is due
-    return _complete(user, None)
+    return _complete(user, None, request.session.get(SESSION_KEY))
 
 
 def csrf_passes(request: HttpRequest) -> bool:

@@ -87,7 +87,7 @@ def _fetch(prefix: str) -> ApiKey | None:
     if caches["default"].get(unknown):
         return None
     try:
-        key = ApiKey.objects.select_related("user").get(prefix=prefix)
+        key = ApiKey.objects.select_related("user", "project").get(prefix=prefix)
     except ApiKey.DoesNotExist:
         caches["default"].set(unknown, 1, settings.GATEWAY_UNKNOWN_KEY_TTL)
         return None

@@ -11,6 +11,30 @@ from django.db import models
 from django.utils import timezone
 
 
+class Project(models.Model):
+    """A group of users whose usage is budgeted and charged back together, optionally named after a
+    Slurm account. Members: the users of its ``groups`` (from the OIDC groups claim) and its
+    explicit ``members`` (set by an admin)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    slurm_account = models.CharField(max_length=100, blank=True,
+                                     help_text="The Slurm account this project stands for, if any.")
+    description = models.TextField(blank=True)
+    shares = models.PositiveIntegerField(default=1, help_text="Fair-share weight (Slurm's shares): twice the "
+                                         "shares, twice the usage before its priority drops as far.")
+    groups = models.ManyToManyField(Group, blank=True, related_name="projects",
+                                    help_text="Members of these groups are members of the project.")
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="projects",
+                                     help_text="Members added by hand, on top of the groups' members.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class ApiKey(models.Model):
     """A key is ``cai-<prefix>.<secret>``: looked up by prefix, verified by a keyed hash of the secret."""
 
@@ -24,6 +48,8 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     allowed_models = models.JSONField(default=list, blank=True,
                                       help_text="Model ids this key may use; empty: every model the user may use.")
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.PROTECT, related_name="api_keys",
+                                help_text="The project this key's usage is charged to; empty: none.")
 
     class Meta:
         ordering = ["-created_at"]
@@ -107,6 +133,54 @@ class UsageRecord(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     duration_ms = models.PositiveIntegerField(default=0)
     streamed = models.BooleanField(default=False)
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.SET_NULL)
+    platform = models.CharField(max_length=100, blank=True, help_text="The HPC platform that served it.")
+    instance = models.CharField(max_length=100, blank=True, help_text="The model instance (job) that served it.")
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [models.Index(fields=["project", "created_at"]), models.Index(fields=["user", "created_at"])]
+
+
+class Budget(models.Model):
+    """A hard token budget per period for a project, a group (each member counted alone) or a user."""
+
+    PERIODS = [("day", "day"), ("week", "week"), ("month", "month")]
+    name = models.CharField(max_length=100)
+    project = models.ForeignKey(Project, null=True, blank=True, on_delete=models.CASCADE, related_name="budgets")
+    group = models.ForeignKey(Group, null=True, blank=True, on_delete=models.CASCADE)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)
+    tokens = models.PositiveBigIntegerField(help_text="Prompt plus completion tokens allowed per period.")
+    period = models.CharField(max_length=5, choices=PERIODS, default="month")
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        owners = [x for x in (self.project_id, self.group_id, self.user_id) if x is not None]
+        if len(owners) != 1:
+            raise ValidationError("A budget belongs to exactly one of: a project, a group, a user.")
+
+
+class NodeTime(models.Model):
+    """One model instance's node time on an HPC platform (a Slurm job or a local process): what the
+    charge-back divides among projects by the tokens the instance served."""
+
+    SOURCES = [("sacct", "sacct"), ("hpcside", "hpcside")]
+    platform = models.CharField(max_length=100)
+    instance = models.CharField(max_length=100)
+    job_id = models.CharField(max_length=50, blank=True)
+    model = models.CharField(max_length=200)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True, help_text="Empty while it runs.")
+    nodes = models.PositiveIntegerField(default=1)
+    gpus = models.PositiveIntegerField(default=0)
+    cpus = models.PositiveIntegerField(default=0)
+    source = models.CharField(max_length=10, choices=SOURCES)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["platform", "instance"], name="nodetime_platform_instance")]
+        indexes = [models.Index(fields=["started_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.platform}/{self.instance}"

@@ -78,12 +78,18 @@ class Accounting:
     def __init__(self, caller: Caller, model: str, kind: str, stream: bool, slots: list[Bucket], lease: str,
                  prompt_estimate: int = 0) -> None:
         self.user, self.key, self.model, self.kind, self.stream = caller.user, caller.key, model, kind, stream
+        self.project = caller.project
+        self.platform = self.instance = ""  # who served it (the first answer's), for the charge-back
         self.slots, self.lease = slots, lease  # the (subject, limits) this request counts in; its parallel slot
         self.started = time.monotonic()
         self.prompt_estimate = prompt_estimate
         self.accepted = False  # the model answered 200: it has work to charge
         self.tally = sse.Tally()
         self.done = False
+
+    def served_by(self, head: Head) -> None:
+        if not self.instance:
+            self.platform, self.instance = head.platform, head.instance
 
     def first_byte(self) -> None:
         metrics.TTFB.labels(self.kind, self.model).observe(time.monotonic() - self.started)
@@ -104,7 +110,9 @@ class Accounting:
             "user_id": self.user.pk, "api_key_id": self.key.pk if self.key is not None else None,
             "model": self.model, "endpoint": self.kind, "status": status, "prompt_tokens": prompt,
             "completion_tokens": completion, "streamed": self.stream,
-            "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": timezone.now()})
+            "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": timezone.now(),
+            "project_id": self.project.id if self.project is not None else None,
+            "platform": self.platform[:100], "instance": self.instance[:100]})
 
 
 async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
@@ -177,6 +185,7 @@ async def forward(entry: registry.ModelEntry, kind: str, data: dict[str, Any], r
             first = await events.__anext__()  # a plain request simply waits through a cold start
         if isinstance(first, Head) and first.status == 200:
             acct.accepted = True
+            acct.served_by(first)
             registry.note_ready(entry.platform, acct.model)
         if isinstance(first, Head) and (first.status != 200 or not stream):
             body = b"".join([chunk async for chunk in events if isinstance(chunk, bytes)])
@@ -238,6 +247,7 @@ async def relay(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_
                 return
             elif isinstance(event, Head):
                 acct.accepted = True
+                acct.served_by(event)
                 registry.note_ready(platform_name, acct.model)
             try:
                 event = await events.__anext__()

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.upstream import Event, Head, Progress
 from hpcbridge.client import Bridge, BridgeError, Platform, PlatformUnavailable
@@ -93,7 +93,7 @@ async def stream(bridge: Bridge, offers: Sequence[Offer], method: str, path: str
                     if kind and event.status == 200 and \
                             event.headers.get("content-type", "").startswith("text/event-stream"):
                         transcript = Transcript(kind)
-                    yield event
+                    yield replace(event, platform=name)
                 elif isinstance(event, bytes):
                     out = transcript.feed(event) if transcript is not None else event
                     if out:

@@ -180,3 +180,21 @@ def test_cold_start_details_are_for_staff_and_others_see_the_stage(app: LiveApp)
         match = re.fullmatch(r": (\w+) \(\d+s\)", line)
         assert match and match.group(1) in STAGES, others
     assert any(re.fullmatch(r": (\w+) \(\d+s\)", line) is None for line in staff), staff  # the full messages
+
+
+def test_a_usage_row_carries_the_keys_project_and_the_instance_that_served_it(app: LiveApp) -> None:
+    key = app.create_key("erin")
+    app.shell("from gateway.models import ApiKey, Project\n"
+              "p = Project.objects.create(name='climate', slurm_account='clim01')\n"
+              "ApiKey.objects.filter(user__username='erin').update(project=p)\n")
+    assert chat(app, key) == 200
+    out = app.shell("import json, time\nfrom gateway.models import UsageRecord\n"
+                    "for _ in range(100):\n"
+                    "    rows = list(UsageRecord.objects.filter(user__username='erin', status=200)"
+                    ".values('project__name', 'platform', 'instance'))\n"
+                    "    if rows: break\n"
+                    "    time.sleep(0.1)\n"
+                    "print(json.dumps(rows))")
+    [row] = json.loads(out.strip().splitlines()[-1])
+    assert row["project__name"] == "climate"
+    assert row["platform"] and row["instance"]  # the charge-back divides this instance's node time

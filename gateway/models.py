@@ -184,3 +184,18 @@ class NodeTime(models.Model):
 
     def __str__(self) -> str:
         return f"{self.platform}/{self.instance}"
+
+
+class NodeTimeCollection(models.Model):
+    """Where ``manage.py collect_nodetime`` left off on one platform: the next run asks for what
+    ended since ``until`` (the platform's own clock, so the two machines' clocks need not agree)."""
+
+    platform = models.CharField(max_length=100, unique=True)
+    until = models.FloatField(default=0.0, help_text="The platform's clock at the last complete collection "
+                              "(seconds since the epoch).")
+    collected_at = models.DateTimeField(null=True, blank=True)
+    records = models.PositiveIntegerField(default=0, help_text="Instances received by the last collection.")
+    last_error = models.CharField(max_length=300, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.platform} until {self.until:.0f}"

@@ -35,7 +35,9 @@ ERRORS = {
     "403": "Not allowed (CSRF check failed, not staff, or a key asking for a key wider than itself).",
     "404": "No such thing (or a model the caller may not use).",
     "413": "The request body is too large.",
-    "429": "A rate limit or the failed-authentication limit: see Retry-After.",
+    "429": "A rate limit or the failed-authentication limit (code `rate_limit_exceeded`: see Retry-After), or "
+           "a token budget used up (type and code `insufficient_quota`: the message names the budget and when "
+           "it resets; retrying before then does not help).",
     "502": "The platform or provider failed.",
     "503": "No instance of the model could be had in time.",
     "504": "The model did not answer in time.",
@@ -90,8 +92,17 @@ SCHEMAS: dict[str, Any] = {
                     "limits": {"type": "object", "additionalProperties": ref("LimitState"),
                                "description": "requests_per_minute/hour/day, tokens_per_minute/day, "
                                               "parallel_streams: only those that are limited."}},
-                   ["scope", "limits"])}},
-              ["username", "groups", "key", "models", "limits"]),
+                   ["scope", "limits"])},
+               "budgets": {"type": "array", "items": ref("Budget"),
+                           "description": "The token budgets this caller's requests count against (the "
+                                          "project's, each group's for each member, the user's own), this period."}},
+              ["username", "groups", "key", "models", "limits", "budgets"]),
+    "Budget": obj({"name": STRING, "scope": {"type": "string", "enum": ["project", "group", "user"]},
+                   "owner": {"type": "string", "description": "The project's or group's name, or the username."},
+                   "limit": INT, "used": INT, "remaining": INT,
+                   "period": {"type": "string", "enum": ["day", "week", "month"]},
+                   "period_start": DATETIME, "resets_at": DATETIME},
+                  ["name", "scope", "owner", "limit", "used", "remaining", "period", "period_start", "resets_at"]),
     "UsageRow": obj({"day": {"type": "string", "format": "date"}, **COUNTS}, ["day", *COUNTS]),
     "AdminUsage": obj({
         "by_user": {"type": "array", "items": obj({"user": nullable(STRING), **COUNTS}, ["user", *COUNTS])},
@@ -145,13 +156,24 @@ SSE = {"text/event-stream": {"schema": {"type": "object", "required": ["data"], 
                                             "(`: queued (12s)`) during a cold start, and `data: [DONE]`."}}
 
 
+# The tightest token budget that applies to the caller (absent when none applies).
+BUDGET_HEADERS = {
+    "x-budget-limit-tokens": {"description": "The tightest budget's tokens per period.", "schema": INT},
+    "x-budget-remaining-tokens": {"description": "Tokens left of it (this request's own not yet counted).",
+                                  "schema": INT},
+    "x-budget-reset": {"description": "When its period ends (ISO 8601).", "schema": STRING},
+    "x-budget-scope": {"description": "project, group or user.", "schema": STRING},
+}
+
+
 def _v1_generate(summary: str, request: str, response: str, stream: bool = True) -> dict[str, Any]:
     content: dict[str, Any] = {JSON: {"schema": ref(response)}}
     if stream:
         content.update(SSE)
     return {"post": {"tags": ["v1"], "summary": summary, "operationId": f"v1_{request}",
                      "requestBody": {"required": True, "content": {JSON: {"schema": ref(request)}}},
-                     "responses": {"200": {"description": "The model's answer.", "content": content},
+                     "responses": {"200": {"description": "The model's answer.", "content": content,
+                                           "headers": BUDGET_HEADERS},
                                    **errors("400", "401", "403", "404", "413", "429", "502", "503", "504")}}}
 
 

@@ -11,6 +11,7 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
 from gateway import registry
+from gateway.budgets import budgets
 from gateway.caller import Caller
 from gateway.limits import NO_LIMITS, limiter
 from gateway.models import UsageRecord
@@ -28,6 +29,12 @@ def limits_of(caller: Caller) -> list[dict[str, Any]]:
         scope = "user" if subject == caller.subject else "key"
         out.append({"scope": scope, "limits": {} if limits == NO_LIMITS else limiter.peek_sync(subject, limits)})
     return out
+
+
+def budgets_of(caller: Caller) -> list[dict[str, Any]]:
+    """Each token budget the caller's requests count against (its project's, its groups', its own) in
+    the current period: limit, used, remaining, when it resets. Nothing is counted by reading."""
+    return [state.as_dict() for state in budgets.states_of(caller)]
 
 
 def models_of(caller: Caller) -> list[dict[str, Any]]:

@@ -33,7 +33,8 @@ class MeApi(APIView):
             "is_staff": bool(user.is_staff), "groups": sorted(user.groups.values_list("name", flat=True)),
             "key": None if key is None else KeyOutput(key).data,
             "models": selectors.models_of(caller),
-            "limits": selectors.limits_of(caller)})
+            "limits": selectors.limits_of(caller),
+            "budgets": selectors.budgets_of(caller)})
 
 
 class KeyListApi(APIView):

@@ -16,10 +16,11 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.retry_after = retry_after
+        self.kind = kind  # the error's type, where it is not the status's usual one (insufficient_quota)
 
     @classmethod
     def from_upstream(cls, exc: UpstreamError) -> ApiError:
@@ -27,7 +28,7 @@ class ApiError(Exception):
         return cls(exc.status, exc.message, code=exc.code, retry_after=exc.retry_after)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": TYPES.get(self.status, "api_error"),
+        return {"error": {"message": self.message, "type": self.kind or TYPES.get(self.status, "api_error"),
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JsonResponse:

@@ -4,6 +4,9 @@ A request's row (never content; the UsageRecord fields as a dict) is queued in m
 last half second in one ``bulk_create``: one thread hop and one transaction for many
 requests instead of one each. Rows still queued when the process exits are written by an
 ``atexit`` hook; if the database is down, rows wait (at most MAX_PENDING) and are retried.
+
+Budgets (gateway/budgets.py) rebuild a lost counter from the database plus the rows not yet
+written: ``unwritten_with`` reads both with no batch moving from one to the other meanwhile.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import asyncio
 import atexit
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.db import close_old_connections
 
@@ -22,6 +26,7 @@ from gateway.threads import in_thread
 log = logging.getLogger("gateway.usage")
 FLUSH_EVERY = 0.5
 MAX_PENDING = 100_000
+T = TypeVar("T")
 
 
 class UsageWriter:
@@ -30,6 +35,8 @@ class UsageWriter:
         self.pending: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.scheduled: asyncio.Handle | None = None
+        self.writing: list[list[dict[str, Any]]] = []  # batches taken from pending, not yet committed
+        self.commit = threading.Lock()  # held while a batch is committed and leaves ``writing``
 
     def add(self, record: dict[str, Any]) -> None:
         with self.lock:
@@ -47,17 +54,34 @@ class UsageWriter:
     def _take(self) -> list[dict[str, Any]]:
         with self.lock:
             batch, self.pending = self.pending, []
+            if batch:
+                self.writing.append(batch)
         return batch
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         close_old_connections()
-        try:
-            UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)
-        except Exception as exc:  # the database is down: keep the rows for the next flush
-            log.warning("usage: could not write %d rows (%s); will retry", len(batch), type(exc).__name__)
+        with self.commit:
+            try:
+                UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)
+            except Exception as exc:  # the database is down: keep the rows for the next flush
+                log.warning("usage: could not write %d rows (%s); will retry", len(batch), type(exc).__name__)
+                with self.lock:
+                    self._written(batch)
+                    self.pending[:0] = batch[: max(0, MAX_PENDING - len(self.pending))]
+                raise
             with self.lock:
-                self.pending[:0] = batch[: max(0, MAX_PENDING - len(self.pending))]
-            raise
+                self._written(batch)
+
+    def _written(self, batch: list[dict[str, Any]]) -> None:
+        self.writing = [b for b in self.writing if b is not batch]
+
+    def unwritten_with(self, read: Callable[[], T]) -> tuple[T, list[dict[str, Any]]]:
+        """``read()`` (a database query) and the rows not yet in the database, taken so that each row
+        is in exactly one of them: no batch commits between the two. Sync."""
+        with self.commit:
+            result = read()
+            with self.lock:
+                return result, [*self.pending, *(row for batch in self.writing for row in batch)]
 
     async def flush(self) -> None:
         self.scheduled = None

@@ -24,6 +24,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from common.upstream import Head, Progress, UpstreamError
 from gateway import external, metrics, registry, sse
+from gateway.budgets import Admission, budgets
 from gateway.caller import Caller, caller_of
 from gateway.errors import ApiError, upstream_error
 from gateway.limits import Bucket, limiter
@@ -86,6 +87,7 @@ class Accounting:
         self.accepted = False  # the model answered 200: it has work to charge
         self.tally = sse.Tally()
         self.done = False
+        self.budget = Admission()  # the budgets it counts against, and the prompt it holds in them
 
     def served_by(self, head: Head) -> None:
         if not self.instance:
@@ -106,23 +108,33 @@ class Accounting:
         if completion:
             metrics.TOKENS.labels(self.model, "completion").inc(completion)
         await limiter.release_all(self.slots, prompt + completion, self.lease)
+        now = timezone.now()
+        await budgets.settle(self.budget, prompt + completion, now)  # before its row is queued
         writer.add({
             "user_id": self.user.pk, "api_key_id": self.key.pk if self.key is not None else None,
             "model": self.model, "endpoint": self.kind, "status": status, "prompt_tokens": prompt,
             "completion_tokens": completion, "streamed": self.stream,
-            "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": timezone.now(),
+            "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": now,
             "project_id": self.project.id if self.project is not None else None,
             "platform": self.platform[:100], "instance": self.instance[:100]})
 
 
 async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
     rate_headers: dict[str, str] = {}
+    caller: Caller | None = None
+    admission: Admission | None = None
     try:
         if request.method != "POST":
             raise ApiError(405, f"{ENDPOINTS[kind]} takes POST.", code="method_not_allowed")
         caller = await caller_of(request)
         data = parse_body(request, kind)
         entry = await registry.resolve(data["model"], caller)
+        # Token budgets first: a request refused for budget is forwarded nowhere and counts in no limit.
+        estimate = sse.prompt_estimate(data, kind)
+        admission = await budgets.admit(caller, estimate)
+        if not admission.allowed:
+            metrics.RATE_LIMITED.labels(kind).inc()
+            raise admission.error()
         # The user's limits (all their keys and the chat page together), the key's own on top,
         # and the model's own, usually stricter, limits per user (an external provider's quota, say).
         buckets = caller.buckets()
@@ -132,20 +144,28 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
         decision, slots = await limiter.acquire_all(buckets, lease)
         rate_headers = decision.headers
         if not decision.allowed:
+            await budgets.release(admission)
             metrics.RATE_LIMITED.labels(kind).inc()
             where = (f" for {entry.id}" if entry.limits_id and decision.subject.endswith(f":{entry.limits_id}")
                      else " for this key" if decision.subject.startswith("k") else "")
             raise ApiError(429, f"Rate limit reached: {decision.reason}{where}. "
                                 f"Retry after {decision.retry_after:.0f}s.",
                            code="rate_limit_exceeded", retry_after=decision.retry_after)
-        acct = Accounting(caller, entry.id, kind, bool(data.get("stream")), slots, lease,
-                          sse.prompt_estimate(data, kind))
+        acct = Accounting(caller, entry.id, kind, bool(data.get("stream")), slots, lease, estimate)
+        acct.budget = admission
         response = await forward(entry, kind, data, request.body, acct)
     except ApiError as exc:
         if exc.status in (400, 401, 403, 404, 405, 413):
             metrics.REQUESTS.labels(kind, "-", str(exc.status)).inc()  # model label not trusted here
         response = exc.response()
+        if exc.code == "insufficient_quota":
+            response["x-should-retry"] = "false"  # OpenAI's clients would retry a 429: waiting will not help
     for name, value in rate_headers.items():
+        response[name] = value
+    # The tightest budget left (as admitted, this request's prompt not yet counted), on every response.
+    budget_headers = admission.headers if admission is not None and admission.applied else (
+        await budgets.headers_for(caller) if caller is not None else {})
+    for name, value in budget_headers.items():
         response[name] = value
     return response
 
@@ -284,18 +304,26 @@ async def embeddings(request: HttpRequest) -> HttpResponseBase:
 
 async def models(request: HttpRequest) -> HttpResponse:
     try:
-        data = [e.as_openai() for e in await registry.visible_models(await caller_of(request))]
+        caller = await caller_of(request)
+        data = [e.as_openai() for e in await registry.visible_models(caller)]
     except ApiError as exc:
         return exc.response()
-    return JsonResponse({"object": "list", "data": data})
+    return with_budget(JsonResponse({"object": "list", "data": data}), await budgets.headers_for(caller))
 
 
 async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
     try:
-        entry = await registry.resolve(model, await caller_of(request))
+        caller = await caller_of(request)
+        entry = await registry.resolve(model, caller)
     except ApiError as exc:
         return exc.response()
-    return JsonResponse(entry.as_openai())
+    return with_budget(JsonResponse(entry.as_openai()), await budgets.headers_for(caller))
+
+
+def with_budget(response: HttpResponse, headers: dict[str, str]) -> HttpResponse:
+    for name, value in headers.items():
+        response[name] = value
+    return response
 
 
 async def not_found(request: HttpRequest, rest: str = "") -> HttpResponse:

@@ -6,7 +6,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 
-from gateway.models import ApiKey, ModelOverlay, RateLimitPolicy, UsageRecord
+from gateway.models import ApiKey, ModelOverlay, NodeTimeCollection, RateLimitPolicy, UsageRecord
 
 
 @admin.register(ApiKey)
@@ -64,4 +64,15 @@ class UsageRecordAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(NodeTimeCollection)
+class NodeTimeCollectionAdmin(admin.ModelAdmin):
+    """Where ``manage.py collect_nodetime`` left off per platform, and whether its last run was whole."""
+
+    list_display = ("platform", "collected_at", "until", "records", "last_error")
+    readonly_fields = ("platform", "until", "collected_at", "records", "last_error")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     stat = sub.add_parser("status", help="services and instances as a table",
                           description="What the last reconcile saw and decided.")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
+    nt = sub.add_parser("nodetime", help="each instance's node time as JSON (what the web side collects)",
+                        description="Instances that ended at or after --since and those running, with their "
+                                    "start, end, nodes, cpus and gpus: from sacct when Slurm keeps accounts, "
+                                    "else from hpcside's own records.")
+    nt.add_argument("--since", type=float, default=0.0, metavar="EPOCH", help="seconds since the epoch (default 0)")
     return parser
 
 
@@ -114,6 +119,12 @@ def main(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = No
         return cmd_check_config(config, stdout)
     if args.command == "status":
         return cmd_status(config, args.json, stdout)
+    if args.command == "nodetime":
+        from .nodetime import collect, shared_sacct
+
+        json.dump(collect(config, max(0.0, args.since), shared_sacct(config)), stdout, indent=1, sort_keys=True)
+        stdout.write("\n")
+        return 0
     if args.command == "forcecommand":
         from .forcecommand import run
 

@@ -247,6 +247,18 @@ class ServiceConfig:
         return self.min_instances, self.max_instances
 
 
+def gpus_of(svc: ServiceConfig) -> int:
+    """GPUs per job: the gpu entries of ``gres`` when set (it replaces ``gpus``), else ``gpus``."""
+    if not svc.gres:
+        return svc.gpus
+    total = 0
+    for entry in svc.gres.split(","):
+        parts = entry.strip().split(":")  # gpu, gpu:2, gpu:a100, gpu:a100:2
+        if parts[0] == "gpu":
+            total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return total
+
+
 @dataclass(frozen=True)
 class Settings:
     """The ``[hpcside]`` section: where state lives and how jobs are launched."""

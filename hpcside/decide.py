@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional
 
-from .config import ServiceConfig
+from .config import ServiceConfig, gpus_of
 from .launchers import Job
 from .lifecycle import Phase
 from .state import Instance, Load, ModelLoad, SchedulerState, ServiceState
@@ -346,7 +346,8 @@ class _Decider:
     def submit(self, svc: ServiceConfig, replaces: Optional[str]) -> str:
         iid = self.make_iid()
         self.st.instances[iid] = Instance(iid=iid, service=svc.name, model=svc.model,
-                                          submitted_at=self.now, replaces=replaces)
+                                          submitted_at=self.now, replaces=replaces,
+                                          cpus=svc.cpus, gpus=gpus_of(svc))
         self.plan.submits.append(Submit(svc.name, iid, replaces))
         what = f"renewal of {replaces}" if replaces else "new instance"
         self.event(f"{svc.name}: submit {what} {iid}")

@@ -25,6 +25,7 @@ from .config import Config
 from .decide import Observation, Plan, Probe, decide, job_name, record_failure, routing_table
 from .launchers import Launcher, LauncherError, make_launcher
 from .lifecycle import Phase
+from .nodetime import record_ended
 from .state import (
     SchedulerState,
     ServiceState,
@@ -111,6 +112,10 @@ class Scheduler:
                       backoff_max=self.settings.backoff_max)
         outcome = self.act(plan, now)
         self.estimate_cold_starts(plan.state, now)
+        try:  # the node-time ledger first: a crash before scheduler.json repeats an entry, never loses one
+            record_ended(self.dir, state, plan.state, self.config.services, now)
+        except OSError as exc:
+            log.warning("node-time ledger not written: %s", exc)
         write_json(self.dir / "scheduler.json", plan.state.to_json())
         self.write_routing(plan.state, now)
         outcome.seconds = time.monotonic() - started

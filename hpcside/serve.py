@@ -14,16 +14,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import sys
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import __version__
+from . import __version__, nodetime
 from . import protocol as p
 from .config import Config, ServiceConfig
 from .lifecycle import Stage, service_status
@@ -35,6 +37,8 @@ log = logging.getLogger("hpcside.serve")
 
 ALLOWED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health"})
 ALLOWED_METHODS = {"/v1/models": "GET", "/health": "GET"}  # the others are POST
+# Answered by the session server itself, never forwarded: GET with a query string.
+NODETIME_PATH = "/hpcside/nodetime"  # ?since=<epoch seconds>: each instance's node time
 REQUEST_HEADERS = frozenset({"content-type", "accept", "x-request-id"})
 RESPONSE_HEADERS = frozenset({"content-type", "x-request-id", "retry-after"})
 HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]{0,512}")  # fullmatch: no trailing newline slips through
@@ -188,6 +192,8 @@ class Session:
         self.held_bytes = 0
         self.last_forced = -1e9  # monotonic time of the last forced reconcile of this session
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reconcile")
+        # sacct may take seconds: its own thread, so neither the loop nor a reconcile waits for it.
+        self.slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodetime")
         self.reconciling: Optional[asyncio.Future] = None
         self.scheduler: Any = None
         self.closed = False
@@ -238,6 +244,7 @@ class Session:
             self.closed = True
             self.pool.close()
             self.executor.shutdown(wait=False)
+            self.slow.shutdown(wait=False)
             try:
                 inflight_path(self.config.settings.state_dir).unlink()
             except OSError:
@@ -412,6 +419,10 @@ class Session:
         return method, path, model, headers
 
     async def route(self, sid: int, head: Dict[str, Any], body: bytes) -> None:
+        raw_path = head.get("path")
+        if isinstance(raw_path, str) and raw_path.split("?", 1)[0] == NODETIME_PATH:
+            await self.answer_nodetime(sid, head.get("method"), raw_path)
+            return
         method, path, model, headers = self.validate(head)
         if not model and path in ("/v1/models", "/health"):
             self.answer_locally(sid, path)
@@ -483,10 +494,24 @@ class Session:
                                    "slurm_ok": self.router.slurm_ok}
         else:
             obj = {"object": "list", "data": self.models_status()}
+        self.send_local(sid, obj)
+
+    def send_local(self, sid: int, obj: Dict[str, Any]) -> None:
         body = json.dumps(obj).encode()
         self.send_json(p.RESPONSE, sid, {"status": 200, "headers": {"content-type": "application/json"}})
         self.send(p.encode_data(sid, body))
         self.send(p.encode(p.END, sid))
+
+    async def answer_nodetime(self, sid: int, method: Any, path: str) -> None:
+        """Each instance's node time since ``since`` (hpcside/nodetime.py), for the charge-back.
+        Read in a thread: sacct may take seconds and the ledger is a file."""
+        if method != "GET":
+            raise StreamError(405, "method_not_allowed", f"{NODETIME_PATH} takes GET")
+        since = nodetime_since(path)
+        sacct = nodetime.shared_sacct(self.config)
+        loop = asyncio.get_running_loop()
+        obj = await loop.run_in_executor(self.slow, nodetime.collect, self.config, since, sacct)
+        self.send_local(sid, obj)
 
     def models_status(self) -> List[Dict[str, Any]]:
         """Every configured model with its state and demand, for the gateway's /v1/models."""
@@ -604,6 +629,27 @@ class Session:
         kind = CONTINUABLE.get(path)
         if kind and response.status == 200 and out_headers.get("content-type", "").startswith("text/event-stream"):
             reply.transcript = Transcript(kind)
+
+
+def nodetime_since(path: str) -> float:
+    """``since`` from ``/hpcside/nodetime?since=1764662400``: seconds since the epoch, 0 if absent."""
+    query = urllib.parse.urlsplit(path).query
+    try:
+        fields = urllib.parse.parse_qs(query, strict_parsing=True, max_num_fields=4) if query else {}
+    except ValueError:
+        raise StreamError(400, "bad_request", "the query must be since=<seconds since the epoch>") from None
+    unknown = set(fields) - {"since"}
+    if unknown:
+        raise StreamError(400, "bad_request", f"unknown query parameter {sorted(unknown)[0][:40]!r}; "
+                          "only since is accepted")
+    values = fields.get("since", ["0"])
+    try:
+        since = float(values[0]) if len(values) == 1 and len(values[0]) <= 32 else -1.0
+    except ValueError:
+        since = -1.0
+    if not math.isfinite(since) or since < 0:
+        raise StreamError(400, "bad_request", "since must be one number of seconds since the epoch (>= 0)")
+    return since
 
 
 def start_estimate(ss: Optional[ServiceState], now: float) -> Optional[float]:

@@ -10,6 +10,7 @@ Layout (documented in docs/hpcside.md):
     secrets/<iid>.token          the instance's own API token (0600)
     jobs/<iid>.sh                the rendered job script
     logs/<iid>.out               the job's output (vLLM logs; request logging is off)
+    nodetime.jsonl      one line per ended instance: its node time (hpcside/nodetime.py)
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ class Instance:
     replaces: Optional[str] = None
     renewed_by: Optional[str] = None
     last_probe: str = ""
+    # What the job asked for (for node time when sacct cannot tell); 0: submitted by an older hpcside.
+    cpus: int = 0
+    gpus: int = 0
 
     @property
     def url(self) -> str:

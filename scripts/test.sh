@@ -22,7 +22,10 @@ if [ "${1:-}" = "--fast" ]; then
 fi
 
 step "system packages"
+# slurmdbd (with its MySQL plugin) and the MariaDB client: the charge-back tests keep Slurm accounts
+# in the machine's running MariaDB (tests/harness/slurm.py, accounting=True).
 apt_need slurmctld:slurm-wlm slurmd:slurm-wlm sbatch:slurm-client munged:munge \
+  slurmdbd:slurmdbd mariadb:mariadb-client \
   /usr/sbin/sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client \
   chromium:chromium node:nodejs npm:npm nginx:nginx-light prometheus:prometheus
 [ -x /usr/bin/python3 ] || apt_install python3

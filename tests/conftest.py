@@ -27,7 +27,7 @@ _prefixes = itertools.count(1)
 # Markers from what a test uses, so a new test that starts Slurm or daphne cannot slip into the
 # fast tier (`scripts/test.sh --fast`, `-m "not (slurm or ...)"`) by a forgotten marker.
 MARKS_BY_FIXTURE = {"account": ("root",), "deployment": ("root",), "hpcside_on": ("root",),
-                    "slurm1": ("slurm", "root"), "slurm3": ("slurm", "root")}
+                    "slurm1": ("slurm", "root"), "slurm3": ("slurm", "root"), "slurm1_acct": ("slurm", "root")}
 MARKS_BY_MODULE_NAME = {"LiveApp": ("live",), "SlurmCluster": ("slurm", "root"), "SSHServer": ("sshd", "root"),
                         "OIDCProvider": ("browser",), "Nginx": ("nginx", "live")}
 
@@ -64,6 +64,13 @@ def deployment(account: Account) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def slurm1(account: Account) -> Iterator[SlurmCluster]:
     with SlurmCluster(["n1"], account) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def slurm1_acct(account: Account) -> Iterator[SlurmCluster]:
+    """One node with accounting (slurmdbd on the machine's MariaDB, a database of its own): sacct works."""
+    with SlurmCluster(["n1"], account, accounting=True) as cluster:
         yield cluster
 
 

@@ -4,6 +4,10 @@ One slurmctld and one slurmd per node (Debian's build supports several slurmd on
 host), munge for authentication, a private configuration and state directory, and a
 clean stop: jobs cancelled and drained, then slurmd, then slurmctld. Every failure to
 start raises ``HarnessError`` with the daemon's own log tail, so a broken CI run says why.
+
+``accounting=True`` adds slurmdbd on the machine's MariaDB (127.0.0.1:3306, root) with a
+database of its own, dropped at stop, so that ``sacct`` works. It is off by default: it
+adds about 2 s to a start and only the charge-back tests need it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 from .accounts import Account, HarnessError, kill_user_processes, stop_process_group
 
 REQUIRED = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "munged")
+REQUIRED_ACCOUNTING = ("slurmdbd", "sacct", "sacctmgr", "mariadb")
+MARIADB = ("mariadb", "--protocol=tcp", "-h", "127.0.0.1", "-P", "3306", "-u", "root")
 
 
 def free_port() -> int:
@@ -66,7 +72,10 @@ class SlurmCluster:
     account: Account
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="chatai-slurm-")))
     slurmd_timeout: int = 5
+    accounting: bool = False  # slurmdbd + MariaDB, for sacct
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    database: str = ""  # slurmdbd's database, while it exists
+    dbd_port: int = 0
 
     @property
     def conf(self) -> Path:
@@ -86,6 +95,13 @@ class SlurmCluster:
                 f"Slurm is not installed (missing {', '.join(missing)}): "
                 "apt-get install -y --no-install-recommends slurm-wlm munge"
             )
+        if self.accounting:
+            missing = [c for c in REQUIRED_ACCOUNTING if shutil.which(c) is None]
+            if missing:
+                raise HarnessError(
+                    f"Slurm accounting is not installed (missing {', '.join(missing)}): "
+                    "apt-get install -y --no-install-recommends slurmdbd mariadb-client"
+                )
         ensure_munge()
         self.root.chmod(0o755)
         for sub in ("etc", "state", "log", "spool"):
@@ -97,18 +113,107 @@ class SlurmCluster:
         # but an empty one keeps slurmd from logging a missing-file error.
         (self.root / "etc" / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
         self.conf.chmod(0o644)
+        if self.accounting:
+            self._start_slurmdbd()
         self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-i", "-f", str(self.conf)])
         self._wait(lambda: self._ctl_ping(), "slurmctld", 15)
         for node in self.nodes:
             self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
         self._wait(self._all_nodes_idle, "slurmd", 20)
+        if self.accounting:
+            self._register_account()
         return self
+
+    # -- accounting: slurmdbd on MariaDB ------------------------------------------
+
+    def _start_slurmdbd(self) -> None:
+        # One database per cluster: parallel or leftover runs never share accounting data.
+        self.database = f"chatai_acct_{os.getpid()}_{self.root.name.rsplit('-', 1)[-1].lower()}"
+        self.database = "".join(c if c.isalnum() else "_" for c in self.database)
+        self.mariadb(f"CREATE DATABASE `{self.database}`")
+        # slurmdbd reads slurmdbd.conf beside the slurm.conf named by SLURM_CONF; it must be
+        # owned by SlurmUser and unreadable by others (it may hold the database password).
+        dbd_conf = self.root / "etc" / "slurmdbd.conf"
+        dbd_conf.write_text("\n".join([
+            "AuthType=auth/munge",
+            "DbdHost=localhost",
+            "DbdAddr=127.0.0.1",
+            f"DbdPort={self.dbd_port}",
+            "SlurmUser=root",
+            "StorageType=accounting_storage/mysql",
+            "StorageHost=127.0.0.1",
+            "StoragePort=3306",
+            "StorageUser=root",
+            f"StorageLoc={self.database}",
+            f"PidFile={self.root}/slurmdbd.pid",
+            f"LogFile={self.root}/log/slurmdbd.log",
+            "DebugLevel=info",
+        ]) + "\n")
+        dbd_conf.chmod(0o600)
+        self._spawn("slurmdbd", ["slurmdbd", "-D"])
+        self._wait(self._dbd_listening, "slurmdbd", 20)
+
+    def _dbd_listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.dbd_port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def _register_account(self) -> None:
+        """The functional account under a Slurm account, as on a real cluster (slurmctld has
+        registered the cluster itself by now)."""
+        cluster = self.cluster_name
+        deadline = time.monotonic() + 20
+        while True:
+            shown = self.sacctmgr("-n", "-P", "show", "cluster", "format=cluster")
+            if cluster in shown.stdout.split():
+                break
+            if time.monotonic() > deadline:
+                raise HarnessError(f"slurmctld did not register cluster {cluster} with slurmdbd:\n"
+                                   + self.log_tail("slurmdbd") + "\n" + self.log_tail("slurmctld"))
+            time.sleep(0.2)
+        for args in (("add", "account", "chatai", f"cluster={cluster}"),
+                     ("add", "user", self.account.name, "account=chatai", f"cluster={cluster}")):
+            proc = self.sacctmgr("-i", *args)
+            if proc.returncode != 0:
+                raise HarnessError(f"sacctmgr {' '.join(args)} failed: {proc.stderr.strip()}")
+
+    def sacctmgr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sacctmgr", *args], capture_output=True, text=True, env=self.env,
+                              check=False, timeout=30)
+
+    def mariadb(self, sql: str) -> None:
+        proc = subprocess.run([*MARIADB, "-e", sql], capture_output=True, text=True, check=False, timeout=30)
+        if proc.returncode != 0:
+            raise HarnessError(f"MariaDB at 127.0.0.1:3306 refused {sql!r}: {proc.stderr.strip()} (is mariadbd "
+                               "running? start-stop-daemon --start --background --exec /usr/sbin/mariadbd)")
+
+    def _drop_database(self) -> None:
+        if self.database:
+            try:
+                self.mariadb(f"DROP DATABASE IF EXISTS `{self.database}`")
+            except (HarnessError, subprocess.TimeoutExpired):
+                pass
+            self.database = ""
+
+    @property
+    def cluster_name(self) -> str:
+        # Unique per cluster, not per process: accounting keys its tables by cluster name.
+        tail = "".join(c for c in self.root.name.rsplit("-", 1)[-1].lower() if c.isalnum())[:4]
+        return f"chatai{os.getpid() % 10000}{tail}"
 
     def _render_conf(self) -> str:
         ctl_port = free_port()
         host = socket.gethostname().split(".")[0]
+        if self.accounting:
+            self.dbd_port = free_port()
+            storage = ["AccountingStorageType=accounting_storage/slurmdbd",
+                       "AccountingStorageHost=localhost", f"AccountingStoragePort={self.dbd_port}"]
+        else:
+            storage = ["AccountingStorageType=accounting_storage/none"]
         lines = [
-            f"ClusterName=chatai{os.getpid() % 10000}",
+            f"ClusterName={self.cluster_name}",
             f"SlurmctldHost={host}",
             f"SlurmctldPort={ctl_port}",
             "SlurmUser=root",
@@ -123,7 +228,7 @@ class SlurmCluster:
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
+            *storage,
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.root}/log/jobcomp.txt",
             "SelectType=select/cons_tres",
@@ -260,9 +365,11 @@ class SlurmCluster:
             deadline = time.monotonic() + 15
             while self.jobs() and time.monotonic() < deadline:
                 time.sleep(0.2)
-        for name in sorted(self.procs, key=lambda n: n == "slurmctld"):  # slurmd first
+        order = {"slurmctld": 1, "slurmdbd": 2}  # slurmd first, slurmdbd last (slurmctld reports to it)
+        for name in sorted(self.procs, key=lambda n: order.get(n, 0)):
             stop_process_group(self.procs[name])
         self.procs.clear()
+        self._drop_database()
         # slurmstepd of jobs whose node or controller was killed, and what the account left running.
         for pid in self.leftover_processes():
             try:

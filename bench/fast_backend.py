@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--scheduling-policy", default="fcfs")  # the job template passes it; no scheduler here
     args = parser.parse_args()
     token = os.environ.get("VLLM_API_KEY", "")
     models = json.dumps({"object": "list", "data": [{"id": args.model, "object": "model", "owned_by": "bench",

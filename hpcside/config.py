@@ -31,6 +31,7 @@ GRES_RE = re.compile(r"^[A-Za-z0-9_]+(:[A-Za-z0-9_.\-]+){0,2}(,[A-Za-z0-9_]+(:[A
 SBATCH_OPTION_RE = re.compile(r"^--[a-z][a-z-]*(=[A-Za-z0-9_.,:=/+@%-]+)?$")
 ENV_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 BUILTIN_TEMPLATES = ("vllm-gpu", "vllm-cpu")
+SCHEDULING_POLICY_RE = re.compile(r"^(priority|fcfs)$")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
@@ -229,6 +230,11 @@ class ServiceConfig:
     min_instances: int = 0
     max_instances: int = 1
     scale_up_inflight: int = 8
+    # Requests of one session running at once on one instance; more wait at the router, in
+    # priority order (hpcside/admission.py; the default is explained in docs/hpcside.md).
+    max_inflight: int = 16
+    # vLLM's scheduling policy: "priority" (each request's fair-share priority reaches vLLM) or "fcfs".
+    scheduling_policy: str = "priority"
     scale_down_delay: float = 300.0
     idle_timeout: float = 3600.0
     walltime: float = 86400.0
@@ -370,6 +376,9 @@ def _vllm_args(text: str) -> Tuple[str, ...]:
             raise ValueError(f"{arg!r} is set by hpcside (the token never goes on a command line)")
         if arg.split("=", 1)[0] in ("--enable-log-requests", "--enable-log-outputs"):
             raise ValueError(f"{arg!r}: jobs never log request or response content")
+        if arg.split("=", 1)[0] == "--scheduling-policy":
+            raise ValueError(f"{arg!r}: set scheduling_policy instead (the router must know it: vLLM "
+                             "refuses a request's priority under fcfs)")
     return args
 
 
@@ -486,6 +495,8 @@ def _service_fields(base: Path) -> Dict[str, _Field]:
         "min_instances": _Field(_parse_int),
         "max_instances": _Field(_at_least(1)),
         "scale_up_inflight": _Field(_at_least(1)),
+        "max_inflight": _Field(_at_least(1)),
+        "scheduling_policy": _Field(_pattern(SCHEDULING_POLICY_RE, "scheduling policy (priority or fcfs)")),
         "scale_down_delay": _Field(parse_duration),
         "idle_timeout": _Field(parse_duration),
         "walltime": _Field(parse_duration),

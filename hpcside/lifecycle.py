@@ -49,7 +49,7 @@ class Status(str, Enum):
 
 
 class Stage(str, Enum):
-    """Where a request held through a cold start is (progress frames)."""
+    """Where a request held through a cold start, or waiting for a free slot, is (progress frames)."""
 
     WAITING = "waiting"  # the batch system does not answer
     STARTING = "starting"
@@ -58,6 +58,7 @@ class Stage(str, Enum):
     REQUESTED = "requested"
     READY = "ready"  # sent once, when the request goes to an instance
     CONTINUING = "continuing"  # the instance failed mid-stream; the reply goes on from another
+    BUSY = "busy"  # every ready instance is at its admission cap: waiting for a free slot, in priority order
 
     def __str__(self) -> str:
         return self.value

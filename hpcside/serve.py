@@ -12,6 +12,7 @@ writes them to a file or a log.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import __version__, nodetime
 from . import protocol as p
+from .admission import PRIORITY_HEADER, AdmissionQueue, Ticket, parse_priority
 from .config import Config, ServiceConfig
 from .lifecycle import Stage, service_status
 from .resume import Transcript
@@ -48,6 +50,10 @@ MAX_STREAMS = 1024
 MAX_ATTEMPTS = 8
 CONTINUABLE = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 HOLD_POLL = 0.5
+# A request waiting for a free slot gets its first progress frame after this long (most waits are
+# shorter: a frame each would be noise), then one every PROGRESS_EVERY.
+BUSY_NOTICE = 1.0
+PROGRESS_EVERY = 5.0
 PUBLISH_EVERY = 1.0
 
 
@@ -107,6 +113,11 @@ class Router:
         # Instances that failed a request here, with when: out of routing at once, until a
         # reconcile that started after the failure lists them as ready again (or drops them).
         self.suspect: Dict[str, float] = {}
+        # Admission (hpcside/admission.py): at most max_inflight of this session's requests per
+        # instance; the others wait in their model's queue, lowest priority number first.
+        self.caps = {svc.model: svc.max_inflight for svc in config.services.values()}
+        self.queues: Dict[str, AdmissionQueue] = {}
+        self.arrivals = itertools.count()  # a request's place among equal priorities
 
     def table(self) -> Dict[str, List[Instance]]:
         try:
@@ -144,12 +155,50 @@ class Router:
     def mark_failed(self, iid: str) -> None:
         self.suspect[iid] = time.time()
 
+    def routable(self, model: str) -> List[Instance]:
+        """The ready instances of a model, leaving out those that just failed here."""
+        return [i for i in self.table().get(model, []) if i.iid not in self.suspect]
+
     def pick(self, model: str) -> Optional[Instance]:
-        """The ready instance with the fewest requests in flight, leaving out those that just failed here."""
-        candidates = [i for i in self.table().get(model, []) if i.iid not in self.suspect]
+        """The routable instance with the fewest requests in flight, if it has a free slot."""
+        candidates = self.routable(model)
         if not candidates:
             return None
-        return min(candidates, key=lambda i: self.inflight.get(i.iid, 0))
+        best = min(candidates, key=lambda i: self.inflight.get(i.iid, 0))
+        return best if self.inflight.get(best.iid, 0) < self.caps.get(model, 1) else None
+
+    def admit(self, model: str, ticket: Ticket) -> Optional[Instance]:
+        """An instance with a slot taken for this request when one is free and nobody waits;
+        else the ticket joins the model's queue (and is woken by ``dispatch``)."""
+        queue = self.queues.get(model)
+        if not queue:
+            inst = self.pick(model)
+            if inst is not None:
+                self.begin(model, inst.iid)
+                return inst
+        self.queues.setdefault(model, AdmissionQueue()).push(ticket)
+        return None
+
+    def dispatch(self, model: str) -> None:
+        """Admit waiting requests, in order, while an instance has a free slot."""
+        queue = self.queues.get(model)
+        while queue:
+            inst = self.pick(model)
+            if inst is None:
+                return
+            ticket = queue.pop()
+            self.begin(model, inst.iid)
+            ticket.wake.set_result(inst)
+
+    def leave(self, model: str, ticket: Ticket) -> None:
+        """A waiting request gives up (cancelled, timed out): out of the queue or, if a slot was
+        given to it in the meantime, the slot back to the next one."""
+        queue = self.queues.get(model)
+        if queue is not None and queue.discard(ticket):
+            return
+        wake = ticket.wake
+        if wake is not None and wake.done() and not wake.cancelled():
+            self.end(model, wake.result().iid)
 
     def load(self, model: str) -> ModelLoad:
         return self.models.setdefault(model, ModelLoad())
@@ -169,6 +218,7 @@ class Router:
         m.inflight = max(0, m.inflight - 1)
         m.last_request_at = time.time()
         self.dirty = True
+        self.dispatch(model)  # the freed slot goes to the first waiting request at once
 
     def snapshot(self) -> Load:
         return Load(models={k: ModelLoad(v.inflight, v.waiting, v.last_request_at) for k, v in self.models.items()},
@@ -195,6 +245,7 @@ class Session:
         # sacct may take seconds: its own thread, so neither the loop nor a reconcile waits for it.
         self.slow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nodetime")
         self.reconciling: Optional[asyncio.Future] = None
+        self.watchers: Dict[str, asyncio.Future[None]] = {}  # per model with waiting requests
         self.scheduler: Any = None
         self.closed = False
 
@@ -233,6 +284,8 @@ class Session:
             return 0
         finally:
             publisher.cancel()
+            for watcher in list(self.watchers.values()):
+                watcher.cancel()
             for task in list(self.tasks.values()):
                 task.cancel()
             if self.tasks:
@@ -400,7 +453,7 @@ class Session:
             self.send_json(p.ERROR, sid, {"status": 500, "code": "internal_error",
                                           "message": f"hpcside error: {type(exc).__name__}"})
 
-    def validate(self, head: Dict[str, Any]) -> Tuple[str, str, str, Dict[str, str]]:
+    def validate(self, head: Dict[str, Any]) -> Tuple[str, str, str, Dict[str, str], int]:
         method, path, model = head.get("method"), head.get("path"), head.get("model", "")
         if not isinstance(path, str) or path not in ALLOWED_PATHS:
             raise StreamError(404, "not_found", "path not allowed")
@@ -409,6 +462,7 @@ class Session:
         if not isinstance(model, str) or len(model) > 256:
             raise StreamError(400, "bad_request", "model must be a string")
         headers: Dict[str, str] = {}
+        priority = 0
         raw = head.get("headers") or {}
         if not isinstance(raw, dict):
             raise StreamError(400, "bad_request", "headers must be an object")
@@ -416,36 +470,38 @@ class Session:
             if isinstance(key, str) and key.lower() in REQUEST_HEADERS and isinstance(value, str) \
                     and HEADER_VALUE_RE.fullmatch(value):
                 headers[key.lower()] = value
-        return method, path, model, headers
+            elif isinstance(key, str) and key.lower() == PRIORITY_HEADER:
+                priority = parse_priority(value)  # for the router and the body; never a header upstream
+        return method, path, model, headers, priority
 
     async def route(self, sid: int, head: Dict[str, Any], body: bytes) -> None:
         raw_path = head.get("path")
         if isinstance(raw_path, str) and raw_path.split("?", 1)[0] == NODETIME_PATH:
             await self.answer_nodetime(sid, head.get("method"), raw_path)
             return
-        method, path, model, headers = self.validate(head)
+        method, path, model, headers, priority = self.validate(head)
         if not model and path in ("/v1/models", "/health"):
             self.answer_locally(sid, path)
             return
         svc = self.config.service_for_model(model)
         if svc is None:
             raise StreamError(404, "model_not_found", f"model {model!r} does not exist on this platform")
+        if method == "POST":
+            body = with_priority(body, priority if svc.scheduling_policy == "priority" else 0)
+        ticket = Ticket(priority, next(self.router.arrivals))  # one per request, kept across attempts
         hold_from = time.monotonic()
         reply = Reply()
         attempt = body
         failures = 0
         while True:
-            inst = self.router.pick(model)
-            if inst is None:
-                try:
-                    inst = await self.hold(sid, svc, hold_from)
-                except StreamError as exc:
-                    if not reply.head_sent:
-                        raise
-                    self.end_cut(sid, reply, exc.message)
-                    return
-            self.router.begin(model, inst.iid)
             try:
+                inst = await self.acquire(sid, svc, ticket, hold_from)
+            except StreamError as exc:
+                if not reply.head_sent:
+                    raise
+                self.end_cut(sid, reply, exc.message)
+                return
+            try:  # acquire took a slot on inst: given back (and passed on) below
                 await self.forward(sid, inst, method, path, headers, attempt, reply)
                 return
             except InstanceFailed as exc:
@@ -526,44 +582,102 @@ class Session:
                                     now=now).status.value
             out.append({"id": svc.model, "object": "model", "owned_by": "hpcside", "status": status,
                         "instances": len(table.get(svc.model, [])),
+                        "queued": len(self.router.queues.get(svc.model) or ()),
                         "demand": (ss.inflight + ss.waiting) if ss else 0,
                         "max_model_len": svc.max_model_len,
                         "start_estimate": start_estimate(ss, now) if status == "offline" else None})
         return out
 
-    async def hold(self, sid: int, svc: ServiceConfig, started: float) -> Instance:
-        """No instance is ready: ask the scheduler now and wait, with progress, up to hold_timeout."""
-        held = self.admit_held(sid)
-        load = self.router.load(svc.model)
+    async def acquire(self, sid: int, svc: ServiceConfig, ticket: Ticket, started: float) -> Instance:
+        """An instance with a slot taken for this request: at once when one is free and nobody waits,
+        else after waiting in the model's admission queue (priority order), up to hold_timeout.
+        A wait through a cold start asks the scheduler (``watch``) and reports its stage; a wait for
+        a free slot reports the requests ahead. Either way it counts as waiting for the scheduler."""
+        router, model = self.router, svc.model
+        ticket.wake = asyncio.get_running_loop().create_future()
+        inst = router.admit(model, ticket)
+        if inst is not None:
+            return inst
+        router.dispatch(model)  # a slot may be free with others waiting (an instance just appeared)
+        load = router.load(model)
         load.waiting += 1
         load.last_request_at = time.time()
-        self.router.dirty = True
+        router.dirty = True
+        self.watch(svc)
+        waited_from = time.monotonic()
+        held = 0
+        cold = was_cold = False
         last_stage: Optional[Tuple[str, str]] = None
-        last_sent = 0.0
+        last_sent = -PROGRESS_EVERY
         limit = self.config.settings.hold_timeout
+        admitted = False
         try:
-            while True:
-                inst = self.router.pick(svc.model)
-                if inst is not None:
-                    self.send_json(p.PROGRESS, sid, {"stage": Stage.READY.value,
-                                                     "elapsed": round(time.monotonic() - started, 1)})
-                    return inst
-                elapsed = time.monotonic() - started
+            while not ticket.wake.done():
+                now = time.monotonic()
+                elapsed = now - started
+                cold = not router.routable(model)
                 if elapsed > limit:
-                    raise StreamError(503, "model_unavailable",
-                                      f"model {svc.model!r} did not become ready within {limit:.0f}s", retry_after=30)
-                self.trigger_reconcile(force=True)
-                stage = self.stage_of(svc)
-                if stage != last_stage or elapsed - last_sent >= 5:
+                    if cold:
+                        raise StreamError(503, "model_unavailable", f"model {model!r} did not become ready "
+                                          f"within {limit:.0f}s", retry_after=30)
+                    raise StreamError(503, "model_busy", f"no free slot on model {model!r} within {limit:.0f}s; "
+                                      "retry later", retry_after=10)
+                if cold:
+                    was_cold = True
+                    if not held:
+                        held = self.admit_held(sid)
+                    stage = self.stage_of(svc)
+                    due = stage != last_stage or elapsed - last_sent >= PROGRESS_EVERY
+                    timeout = HOLD_POLL
+                else:
+                    self.held_bytes -= held  # waiting for a slot, not for a start: not held any more
+                    held = 0
+                    queue = router.queues.get(model)
+                    ahead = queue.ahead(ticket) if queue is not None else 0
+                    stage = (Stage.BUSY.value, f"waiting for a free slot on {model}: "
+                             f"{ahead} request{'' if ahead == 1 else 's'} ahead")
+                    noticed = now - waited_from >= BUSY_NOTICE
+                    due = noticed and (last_stage is None or stage[0] != last_stage[0]
+                                       or elapsed - last_sent >= PROGRESS_EVERY)
+                    timeout = (BUSY_NOTICE - (now - waited_from)) if not noticed else PROGRESS_EVERY
+                if due:
                     self.send_json(p.PROGRESS, sid, {"stage": stage[0], "message": stage[1],
                                                      "elapsed": round(elapsed, 1)})
                     await self.writer.drain()
                     last_stage, last_sent = stage, elapsed
-                await asyncio.sleep(HOLD_POLL)
+                    continue  # the wake may have come during the drain
+                await asyncio.wait({ticket.wake}, timeout=max(0.01, min(timeout, limit - elapsed + 0.01)))
+            inst = ticket.wake.result()
+            admitted = True
+            if was_cold:
+                self.send_json(p.PROGRESS, sid, {"stage": Stage.READY.value,
+                                                 "elapsed": round(time.monotonic() - started, 1)})
+            return inst
         finally:
+            if not admitted:
+                router.leave(model, ticket)  # cancelled or timed out: no slot kept, none lost
             self.held_bytes -= held
             load.waiting = max(0, load.waiting - 1)
-            self.router.dirty = True
+            router.dirty = True
+
+    def watch(self, svc: ServiceConfig) -> None:
+        """One watcher per model while requests wait for it (not one poll per request)."""
+        if svc.model not in self.watchers:
+            self.watchers[svc.model] = asyncio.ensure_future(self.watch_queue(svc))
+
+    async def watch_queue(self, svc: ServiceConfig) -> None:
+        """Admit waiting requests as instances become ready (routing.json re-read, suspects cleared)
+        and, while none is, ask the scheduler for one (a forced reconcile at most once per
+        min_interval). Freed slots need no watching: ``Router.end`` passes them on at once."""
+        router = self.router
+        try:
+            while router.queues.get(svc.model):
+                router.dispatch(svc.model)
+                if router.queues.get(svc.model) and not router.routable(svc.model):
+                    self.trigger_reconcile(force=True)
+                await asyncio.sleep(HOLD_POLL)
+        finally:
+            self.watchers.pop(svc.model, None)
 
     def admit_held(self, sid: int) -> int:
         """Count this stream's body as held through a cold start, or refuse it over held_body_budget."""
@@ -650,6 +764,33 @@ def nodetime_since(path: str) -> float:
     if not math.isfinite(since) or since < 0:
         raise StreamError(400, "bad_request", "since must be one number of seconds since the epoch (>= 0)")
     return since
+
+
+def with_priority(body: bytes, priority: int) -> bytes:
+    """The JSON request body with its top-level ``priority`` set to ``priority``, or absent when 0
+    (vLLM's default; an fcfs server refuses any other value, and a client must not choose its own).
+    Cheap in the usual case: a body without the word is only spliced, and only for a nonzero value;
+    a body that has it (the client's field, or the word in a string) is parsed and rewritten."""
+    if b'"priority"' not in body:
+        if not priority:
+            return body
+        start = len(body) - len(body.lstrip())
+        if body[start:start + 1] != b"{":
+            return body  # not an object: vLLM will refuse it anyway
+        field = b'"priority": %d' % priority
+        if body[start + 1:].lstrip()[:1] == b"}":
+            return body[:start + 1] + field + body[start + 1:]
+        return body[:start + 1] + field + b", " + body[start + 1:]
+    try:
+        req = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(req, dict):
+        return body
+    req.pop("priority", None)
+    if priority:
+        req["priority"] = priority
+    return json.dumps(req).encode()
 
 
 def start_estimate(ss: Optional[ServiceState], now: float) -> Optional[float]:

@@ -122,6 +122,8 @@ def render(svc: ServiceConfig, settings: Settings, files: JobFiles) -> str:
         "gpus": q(str(svc.gpus)),
         "tensor_parallel_size": q(str(svc.tensor_parallel_size)),
         "max_model_len": q(str(svc.max_model_len)),
+        # fcfs is vLLM's default: no flag, so a template also runs a vLLM older than the option.
+        "scheduling_args": " --scheduling-policy priority" if svc.scheduling_policy == "priority" else "",
         "vllm_args": " ".join(q(a) for a in svc.vllm_args),
         "python": q(settings.python),
         "vllm": q(settings.vllm),

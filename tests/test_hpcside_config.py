@@ -113,6 +113,22 @@ def test_the_token_and_port_cannot_be_set_in_vllm_args(tmp_path: Path) -> None:
     assert any("[service:small] env:" in p for p in found)
 
 
+def test_admission_and_scheduling_options_are_validated_naming_the_field(tmp_path: Path) -> None:
+    svc = load(write(tmp_path, GOOD + "max_inflight = 2\nscheduling_policy = fcfs\n")).services["small"]
+    assert (svc.max_inflight, svc.scheduling_policy) == (2, "fcfs")
+    found = problems(write(tmp_path, GOOD + "max_inflight = 0\nscheduling_policy = lifo\n"))
+    assert any(p.endswith("[service:small] max_inflight: 0 is below the minimum of 1") for p in found), found
+    assert any("[service:small] scheduling_policy: 'lifo' is not a valid scheduling policy (priority or fcfs)" in p
+               for p in found), found
+    found = problems(write(tmp_path, GOOD + "max_inflight = two\n"))
+    assert any("[service:small] max_inflight: 'two' is not a whole number" in p for p in found), found
+    # The router must know the policy (vLLM refuses a request's priority under fcfs): not in vllm_args.
+    found = problems(write(tmp_path, GOOD + "vllm_args = --scheduling-policy=fcfs\n"))
+    assert any("[service:small] vllm_args:" in p and "set scheduling_policy instead" in p for p in found), found
+    found = problems(write(tmp_path, GOOD + "vllm_args = --scheduling-policy fcfs\n"))
+    assert any("[service:small] vllm_args:" in p for p in found), found
+
+
 def test_hostile_slurm_values_are_refused(tmp_path: Path) -> None:
     found = problems(write(tmp_path, GOOD + "partition = gpu\n  --wrap=id\nsbatch_args = --wrap='rm -rf /'\n"))
     assert any("[service:small] partition" in p for p in found)

@@ -163,3 +163,16 @@ def test_a_bad_slurm_option_is_a_config_error_naming_the_field(tmp_path: Path, f
     with pytest.raises(ConfigError) as err:
         load(path)
     assert f"[service:x] {field}:" in str(err.value), str(err.value)
+
+
+def test_priority_scheduling_reaches_vllm_unless_the_service_asks_for_fcfs(config) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    files = JobFiles(config.settings.state_dir, "a1b2c3d4e5f6")
+    for name in ("llama", "smol"):
+        svc = config.services[name]
+        assert svc.scheduling_policy == "priority"  # the default
+        assert "--scheduling-policy priority" in render(svc, config.settings, files)
+        fcfs = render(dataclasses.replace(svc, scheduling_policy="fcfs"), config.settings, files)
+        assert "--scheduling-policy" not in fcfs  # vLLM's default: no flag, so older vLLMs run it too
+        subprocess.run(["bash", "-n"], input=fcfs, text=True, check=True)

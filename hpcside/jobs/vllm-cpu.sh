@@ -9,7 +9,7 @@ exec {{ python }} -m vllm.entrypoints.openai.api_server \
   --model {{ model_path }} \
   --host {{ bind_host }} --port "$PORT" \
   --served-model-name {{ model }} \
-  --max-model-len {{ max_model_len }} \
+  --max-model-len {{ max_model_len }}{{ scheduling_args }} \
   --enforce-eager --distributed-executor-backend uni \
   --middleware hpcside_vllm_guard.TokenGuard "$REQUEST_LOG_FLAG" \
   --disable-uvicorn-access-log {{ vllm_args }}

@@ -5,13 +5,24 @@ It checks the instance token (env VLLM_API_KEY) like vLLM's --api-key, answers /
 /v1/models and /v1/chat/completions (plain and SSE streaming), and never logs a body.
 STUB_MODE selects a failure: ok (default), never-ready (/health 503), crash (exit at
 once), slow:SECONDS (listen only after a delay, like a model loading).
+
+Priority like vLLM's: ``--scheduling-policy priority`` lets a request carry a nonzero integer
+``priority`` (lower = earlier); under ``fcfs`` (the default) such a request is refused with 400,
+as vLLM's engine did up to its v0 ("Got priority ... but Priority scheduling is not enabled"; the
+0.32 protocol still documents the error, its v1 engine ignores the value). ``--max-num-seqs N``
+lets N requests generate at once; the others wait in priority order, as in vLLM's priority
+queue (0, the default: no limit). /stub/stats lists each admitted request's x-request-id and
+priority in the order they started generating.
 """
 
 import argparse
 import hashlib
+import heapq
+import itertools
 import json
 import os
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,6 +30,34 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Server(ThreadingHTTPServer):
     request_queue_size = 1024  # like uvicorn's backlog; Python's default of 5 drops SYNs under load
     daemon_threads = True
+
+
+class Seats:
+    """At most ``limit`` requests generate at once (0: no limit); the rest wait, lowest priority
+    first, then in arrival order."""
+
+    def __init__(self, limit):
+        self.limit, self.busy, self.waiting = limit, 0, []
+        self.cond = threading.Condition()
+        self.order = itertools.count()
+
+    def take(self, priority):
+        with self.cond:
+            if not self.limit:
+                return
+            me = (priority, next(self.order))
+            heapq.heappush(self.waiting, me)
+            while self.busy >= self.limit or self.waiting[0] != me:
+                self.cond.wait()
+            heapq.heappop(self.waiting)
+            self.busy += 1
+            self.cond.notify_all()
+
+    def give(self):
+        with self.cond:
+            if self.limit:
+                self.busy -= 1
+                self.cond.notify_all()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -46,7 +85,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/stub/stats":  # for the tests only: what the stub saw
             self._json(200, {"cancelled": self.server.cancelled, "requests": self.server.requests,
                              "last_headers": self.server.last_headers,
-                             "last_body_sha256": self.server.last_body_sha256})
+                             "last_body_sha256": self.server.last_body_sha256,
+                             "started": self.server.started})
         elif self.path == "/health":
             mode = os.environ.get("STUB_MODE", "ok")
             self.send_response(503 if mode == "never-ready" else 200)
@@ -78,6 +118,24 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._json(400, {"error": {"message": "bad json", "type": "BadRequestError", "code": 400}})
             return
+        priority = req.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            self._json(400, {"error": {"message": "priority must be an integer", "type": "BadRequestError",
+                                       "param": "priority", "code": 400}})
+            return
+        if priority and self.server.policy != "priority":
+            self._json(400, {"error": {"message": f"Got priority {priority} but Priority scheduling is not enabled.",
+                                       "type": "BadRequestError", "param": "priority", "code": 400}})
+            return
+        self.server.seats.take(priority if self.server.policy == "priority" else 0)
+        try:
+            self.server.started.append([self.headers.get("x-request-id", ""), priority])
+            del self.server.started[:-1000]  # the recent ones are enough for a test
+            self._answer(req)
+        finally:
+            self.server.seats.give()
+
+    def _answer(self, req):
         if req.get("stub_status"):  # an upstream error, as vLLM words them
             status = int(req["stub_status"])
             body = json.dumps({"error": {"message": f"stub error {status}", "type": "BadRequestError",
@@ -177,6 +235,8 @@ def main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
+    parser.add_argument("--max-num-seqs", type=int, default=0)
     args = parser.parse_args()
     mode = os.environ.get("STUB_MODE", "ok")
     if mode == "crash":
@@ -190,6 +250,9 @@ def main():
     server.requests = 0
     server.last_headers = {}
     server.last_body_sha256 = ""
+    server.policy = args.scheduling_policy
+    server.seats = Seats(args.max_num_seqs)
+    server.started = []
     print(f"stub: serving {args.model} on port {args.port}", flush=True)
     server.serve_forever()
 

@@ -44,6 +44,7 @@ NODETIME_PATH = "/hpcside/nodetime"  # ?since=<epoch seconds>: each instance's n
 REQUEST_HEADERS = frozenset({"content-type", "accept", "x-request-id"})
 RESPONSE_HEADERS = frozenset({"content-type", "x-request-id", "retry-after"})
 HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]{0,512}")  # fullmatch: no trailing newline slips through
+_OBJECT_START = re.compile(rb"\s*(\{)\s*(\})?")  # a JSON object's opening brace; group 2: it is empty
 MAX_STREAMS = 1024
 # Attempts per request (each one on an instance that was not known to have failed); the hold bound
 # limits the time they take.
@@ -774,13 +775,12 @@ def with_priority(body: bytes, priority: int) -> bytes:
     if b'"priority"' not in body:
         if not priority:
             return body
-        start = len(body) - len(body.lstrip())
-        if body[start:start + 1] != b"{":
+        opening = _OBJECT_START.match(body)
+        if opening is None:
             return body  # not an object: vLLM will refuse it anyway
-        field = b'"priority": %d' % priority
-        if body[start + 1:].lstrip()[:1] == b"}":
-            return body[:start + 1] + field + body[start + 1:]
-        return body[:start + 1] + field + b", " + body[start + 1:]
+        at = opening.end(1)
+        field = b'"priority": %d' % priority if opening.group(2) else b'"priority": %d, ' % priority
+        return b"".join((body[:at], field, memoryview(body)[at:]))
     try:
         req = json.loads(body)
     except ValueError:

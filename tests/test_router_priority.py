@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -311,3 +312,40 @@ def test_requests_held_through_a_cold_start_are_admitted_in_priority_order(tmp_p
     for rid, _ in order:  # each was held (cold-start stages), then told it was going to an instance
         stages = [p.stage for p in client.progress[rid]]
         assert stages[-1] == "ready" and set(stages[:-1]) <= {"requested", "queued", "starting", "busy"}, stages
+
+
+def test_the_stub_with_few_seats_starts_waiting_requests_in_priority_order() -> None:
+    """--max-num-seqs 1: what waits inside the stand-in is ordered as in vLLM's priority queue."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(SUPPORT / "stub_vllm.py"), "--port", str(port), "--model", "m",
+                             "--scheduling-policy", "priority", "--max-num-seqs", "1"],
+                            env={**os.environ, "VLLM_API_KEY": "tok"}, stdout=subprocess.DEVNULL)
+
+    def post(rid: str, priority: int, delay: float) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                     data=json.dumps({"model": "m", "messages": ASK, "priority": priority,
+                                                      "stub_delay": delay}).encode(),
+                                     headers={"Authorization": "Bearer tok", "x-request-id": rid})
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
+            assert resp.status == 200
+
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        threads = []
+        for rid, priority, delay in [("first", 9, 0.1), ("later", 5, 0), ("sooner", 1, 0)]:
+            threads.append(threading.Thread(target=post, args=(rid, priority, delay)))
+            threads[-1].start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join()
+        assert stats(port)["started"] == [["first", 9], ["sooner", 1], ["later", 5]]
+    finally:
+        proc.kill()
+        proc.wait()

@@ -133,8 +133,10 @@ class Stack:
         services = "\n".join([
             f"[service:real]\nmodel = {REAL}\ntemplate = vllm-cpu\nmodel_path = {MODEL_DIR}\nmax_model_len = 2048",
             "cpus = 2\nmin_instances = 1\nwalltime = 2h\nrenewal_margin = 10m\nreadiness_timeout = 5m\n",
+            # The hop is measured, not admission: no cap below the highest concurrency (docs/hpcside.md).
             stub_service("fast", FAST, min_instances=1, template=self.deployment / "stub.sh",
-                         model_path=self.deployment / "fast_backend.py", walltime="2h", cpus="1"),
+                         model_path=self.deployment / "fast_backend.py", walltime="2h", cpus="1",
+                         max_inflight="1024"),
         ])
         h.write_config(services, python=str(VLLM_PYTHON), hold_timeout="5m")
         self.sshd = SSHServer(self.account, self.deployment, h.config, slurm_env=f"SLURM_CONF={self.cluster.conf}")
@@ -158,7 +160,7 @@ class Stack:
         self.ssh = self.platform(PlatformConfig(**ssh_platform))
         local_cfg = self.workdir / "local.ini"
         local_cfg.write_text(f"[hpcside]\nstate_dir = {self.workdir}/local-state\nlauncher = local\n"
-                             f"python = {sys.executable}\n\n" + stub_service("fast", FAST))
+                             f"python = {sys.executable}\n\n" + stub_service("fast", FAST, max_inflight="1024"))
         self.local = self.platform(PlatformConfig(name="local", transport="local", hpcside_config=str(local_cfg)))
         self.litellm_url = ""
         if self.want_litellm:

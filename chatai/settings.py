@@ -241,6 +241,23 @@ GATEWAY_DEFAULT_LIMITS = {
     "requests_per_minute": envint("LIMIT_REQUESTS_PER_MINUTE", 120),
     "requests_per_hour": None,
     "requests_per_day": None,
+# Fair-share priority (gateway/fairshare.py, docs/accounting.md): on by default; off, every request
+# has priority 0 (first come, first served). Usage decays with a half-life of an hour: priorities
+# follow who has loaded the GPUs over the last hours, the span over which requests compete (a
+# queue lasts seconds, a working session hours), while a pause of a few minutes does not wipe a
+# heavy user's record; long-term allocation is the budgets' job. Slurm's default of 7 days suits
+# jobs that run for days. API requests are placed FAIRSHARE_CHAT_BOOST behind chat requests of the
+# same standing (on a scale of 1000); a user without a project counts as a project of
+# FAIRSHARE_DEFAULT_SHARES shares.
+FAIRSHARE = envbool("FAIRSHARE", True)
+FAIRSHARE_HALF_LIFE = envint("FAIRSHARE_HALF_LIFE", 3600)
+FAIRSHARE_CHAT_BOOST = envint("FAIRSHARE_CHAT_BOOST", 100)
+FAIRSHARE_DEFAULT_SHARES = envint("FAIRSHARE_DEFAULT_SHARES", 1)
+for _name in ("FAIRSHARE_HALF_LIFE", "FAIRSHARE_DEFAULT_SHARES"):
+    if globals()[_name] <= 0:
+        raise ValueError(f"{_name}={globals()[_name]} must be a positive whole number")
+if FAIRSHARE_CHAT_BOOST < 0:
+    raise ValueError(f"FAIRSHARE_CHAT_BOOST={FAIRSHARE_CHAT_BOOST} must not be negative")
     "tokens_per_minute": None,
     "tokens_per_day": None,
     "parallel_streams": envint("LIMIT_PARALLEL_STREAMS", 16),

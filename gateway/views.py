@@ -27,6 +27,7 @@ from gateway import external, metrics, registry, sse
 from gateway.budgets import Admission, budgets
 from gateway.caller import Caller, caller_of
 from gateway.errors import ApiError, upstream_error
+from gateway.fairshare import fairshare
 from gateway.limits import Bucket, limiter
 from gateway.usage import writer
 from hpcbridge import failover
@@ -54,6 +55,9 @@ def parse_body(request: HttpRequest, kind: str) -> dict[str, Any]:
         raise ApiError(400, "'stream' must be true or false.", code="invalid_type", param="stream")
     if "stream_options" in data and data["stream_options"] is not None and not isinstance(data["stream_options"], dict):
         raise ApiError(400, "'stream_options' must be an object.", code="invalid_type", param="stream_options")
+    if "priority" in data:  # vLLM's field: the service's fair share sets it (gateway/fairshare.py)
+        raise ApiError(400, "'priority' is set by the service's fair share; leave it out.",
+                       code="invalid_value", param="priority")
     if kind == "chat":
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -88,6 +92,7 @@ class Accounting:
         self.tally = sse.Tally()
         self.done = False
         self.budget = Admission()  # the budgets it counts against, and the prompt it holds in them
+        self.priority = 0  # its fair-share priority (lower = earlier), sent to the platform
 
     def served_by(self, head: Head) -> None:
         if not self.instance:
@@ -117,6 +122,8 @@ class Accounting:
             "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": now,
             "project_id": self.project.id if self.project is not None else None,
             "platform": self.platform[:100], "instance": self.instance[:100]})
+        await fairshare.record(self.user.pk, self.project.id if self.project is not None else None,
+                               prompt + completion)
 
 
 async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
@@ -153,6 +160,7 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
                            code="rate_limit_exceeded", retry_after=decision.retry_after)
         acct = Accounting(caller, entry.id, kind, bool(data.get("stream")), slots, lease, estimate)
         acct.budget = admission
+        acct.priority = await fairshare.priority(caller)  # from recent usage: one cache read
         response = await forward(entry, kind, data, request.body, acct)
     except ApiError as exc:
         if exc.status in (400, 401, 403, 404, 405, 413):
@@ -171,8 +179,9 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
 
 
 def open_events(entry: registry.ModelEntry, kind: str, data: dict[str, Any], raw: bytes,
-                request_id: str) -> AsyncIterator[Any]:
-    """The upstream's events (Head, Progress, bytes): an HPC platform, or an external provider."""
+                request_id: str, priority: int = 0) -> AsyncIterator[Any]:
+    """The upstream's events (Head, Progress, bytes): an HPC platform (told the request's fair-share
+    priority, which orders its admission queue and vLLM's), or an external provider."""
     if data.get("stream") and kind != "embeddings":
         # Ask upstream for usage to count tokens; the client gets it only if it asked.
         data = {**data, "stream_options": {**(data.get("stream_options") or {}), "include_usage": True}}
@@ -181,7 +190,7 @@ def open_events(entry: registry.ModelEntry, kind: str, data: dict[str, Any], raw
         if entry.provider.model != data["model"]:
             data, raw = {**data, "model": entry.provider.model}, b""
         return external.stream(entry.provider, ENDPOINTS[kind], raw or json.dumps(data).encode(), request_id)
-    headers = {"content-type": "application/json", "x-request-id": request_id}
+    headers = {"content-type": "application/json", "x-request-id": request_id, "x-chatai-priority": str(priority)}
     # Over the best platform offering the model; a lost link is survived (hpcbridge/failover.py).
     return failover.stream(get_bridge(), entry.offers, "POST", ENDPOINTS[kind], entry.id, headers,
                            raw or json.dumps(data).encode(), link_wait=settings.GATEWAY_LINK_WAIT)
@@ -193,7 +202,7 @@ async def forward(entry: registry.ModelEntry, kind: str, data: dict[str, Any], r
     accounted here when it ends here (refused, failed, not streamed), else when the stream ends."""
     stream = bool(data.get("stream"))
     request_id = uuid.uuid4().hex
-    events = open_events(entry, kind, data, raw, request_id)
+    events = open_events(entry, kind, data, raw, request_id, acct.priority)
     ended: int | None = 499  # the status to account if the request ends here (499: the client left)
     try:
         first = await events.__anext__()

@@ -118,3 +118,16 @@ def test_the_job_output_holds_no_prompt_and_no_reply(instance: dict[str, Any]) -
             assert canary.encode() not in data, path
             if len(reply.strip()) >= 12:
                 assert reply.strip().encode() not in data, path
+
+
+def test_the_job_runs_vllm_with_priority_scheduling_and_a_request_may_carry_a_priority(
+        instance: dict[str, Any]) -> None:
+    """The template's --scheduling-policy priority (the service's default) reaches the real vLLM,
+    which takes the priority the router writes into the body."""
+    for priority in (7, -3):
+        status, raw = call(instance, "POST", "/v1/chat/completions", instance["token"],
+                           {"model": MODEL, "max_tokens": 4, "priority": priority,
+                            "messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 200, raw[:300]
+    text = b"".join(p.read_bytes() for p in (instance["state"] / "logs").glob("*.out"))
+    assert b"'scheduling_policy': 'priority'" in text, text[-3000:]

@@ -4,6 +4,7 @@ tests/test_nodetime_slurm.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -268,3 +269,54 @@ def test_since_is_read_from_the_query_and_bad_queries_are_refused() -> None:
         with pytest.raises(StreamError) as info:
             nodetime_since("/hpcside/nodetime" + bad)
         assert info.value.status == 400, bad
+
+
+# -- the session server: sacct runs beside the requests, never in their way -----------------------
+
+
+def test_a_slow_sacct_does_not_hold_other_requests_on_the_session(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcbridge.client import BridgeError, Platform
+    from hpcbridge.config import PlatformConfig
+
+    state = tmp_path / "state"
+    ensure_dirs(state)
+    write_json(state / "last-reconcile", {"started_at": time.time()})  # the scheduler stays out of the way
+    running = SchedulerState(instances={"a" * 12: instance("a" * 12, "7", 1000.0)})
+    write_json(state / "scheduler.json", running.to_json())
+    (tmp_path / "services.ini").write_text(
+        f"[hpcside]\nstate_dir = {state}\nlauncher = slurm\nmin_interval = 1h\n\n"
+        "[service:chat]\nmodel = chat-model\ntemplate = vllm-cpu\nmodel_path = /nonexistent\ncpus = 4\n")
+    env = fake_sacct(tmp_path, "sleep 2\necho '7|1000|Unknown|00:10:00|cpu=4,gres/gpu=1,node=1|1|RUNNING'\n")
+    monkeypatch.setenv("PATH", env["PATH"])  # the session server (a subprocess) finds the fake sacct
+    plat = Platform(PlatformConfig(name="local", transport="local", hpcside_config=str(tmp_path / "services.ini")))
+    plat.start()
+
+    async def both() -> tuple[dict[str, Any], list[float], float]:
+        started = time.monotonic()
+        slow = asyncio.ensure_future(plat.request("GET", "/hpcside/nodetime?since=0"))
+        await asyncio.sleep(0.2)
+        quick = []
+        for _ in range(5):
+            t = time.monotonic()
+            head, _body = await plat.request("GET", "/health")
+            assert head.status == 200
+            quick.append(time.monotonic() - t)
+        head, body = await slow
+        assert head.status == 200
+        return json.loads(body), quick, time.monotonic() - started
+
+    try:
+        answer, quick, total = asyncio.run(both())
+        with pytest.raises(BridgeError) as refused:
+            asyncio.run(plat.request("GET", "/hpcside/nodetime?since=-5"))
+        with pytest.raises(BridgeError) as posted:
+            asyncio.run(plat.request("POST", "/hpcside/nodetime"))
+    finally:
+        plat.stop()
+    assert total >= 2.0 and max(quick) < 0.5, (total, quick)
+    assert answer["complete"] is True and answer["sacct"] == "used"
+    (record,) = answer["data"]
+    assert (record["job_id"], record["started"], record["ended"], record["cpus"], record["gpus"], record["source"]) \
+        == ("7", 1000.0, None, 4, 1, "sacct")
+    assert (refused.value.status, posted.value.status) == (400, 405)

@@ -49,6 +49,13 @@ def sacct_row(cluster: SlurmCluster, job_id: str) -> list[str]:
     return proc.stdout.strip().split("|")
 
 
+def wait_for_sacct(cluster: SlurmCluster, job_id: str, done: Callable[[list[str]], bool]) -> None:
+    deadline = time.monotonic() + 20
+    while not done(sacct_row(cluster, job_id)):
+        assert time.monotonic() < deadline, f"sacct still says {sacct_row(cluster, job_id)}"
+        time.sleep(0.3)
+
+
 def scale_to_zero_and_wait(h: Hpcside, cluster: SlurmCluster | None, **service: Any) -> None:
     """The service is no longer wanted: the instance drains, is cancelled, and hpcside forgets it."""
     h.write_config(h.stub_service(min_instances=0, idle_timeout="0", **service))
@@ -62,6 +69,9 @@ def test_a_jobs_sacct_record_reaches_nodetime_through_the_forcecommand(
     h = hpcside_on(slurm1_acct)
     h.write_config(h.stub_service(min_instances=1, cpus=2))
     (inst,) = h.until(lambda: h.ready(), what="a ready instance")
+    # slurmdbd hears of the start a moment after slurmctld (until then sacct says PENDING, and the
+    # answer would carry hpcside's figures, replaced at the next collection).
+    wait_for_sacct(slurm1_acct, inst["job_id"], lambda row: row[5] == "RUNNING")
     with platform(h, settings, slurm1_acct):
         text = collect()
         assert "hpc: 1 instance(s)" in text and "1 new" in text and "sacct used" in text, text
@@ -74,10 +84,7 @@ def test_a_jobs_sacct_record_reaches_nodetime_through_the_forcecommand(
         scale_to_zero_and_wait(h, slurm1_acct, cpus=2)
         ledger = [json.loads(line) for line in (h.state / "nodetime.jsonl").read_text().splitlines()]
         assert [e["instance"] for e in ledger] == [inst["id"]]
-        # slurmdbd hears of the end a moment after slurmctld.
-        deadline = time.monotonic() + 20
-        while sacct_row(slurm1_acct, inst["job_id"])[2] == "Unknown" and time.monotonic() < deadline:
-            time.sleep(0.3)
+        wait_for_sacct(slurm1_acct, inst["job_id"], lambda row: row[2] != "Unknown")  # the end, as for the start
         job_id, started, ended, elapsed, tres, state = sacct_row(slurm1_acct, inst["job_id"])
         assert state.startswith("CANCELLED") and "cpu=2" in tres, (state, tres)
 

@@ -89,6 +89,13 @@ class SlurmCluster:
     # -- start -----------------------------------------------------------------
 
     def start(self) -> SlurmCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # nothing half-started outlives the error: daemons, jobs, the database
+            raise
+
+    def _start(self) -> SlurmCluster:
         missing = [c for c in REQUIRED if shutil.which(c) is None]
         if missing:
             raise HarnessError(
@@ -130,6 +137,7 @@ class SlurmCluster:
         # One database per cluster: parallel or leftover runs never share accounting data.
         self.database = f"chatai_acct_{os.getpid()}_{self.root.name.rsplit('-', 1)[-1].lower()}"
         self.database = "".join(c if c.isalnum() else "_" for c in self.database)
+        self._drop_stale_databases()
         self.mariadb(f"CREATE DATABASE `{self.database}`")
         # slurmdbd reads slurmdbd.conf beside the slurm.conf named by SLURM_CONF; it must be
         # owned by SlurmUser and unreadable by others (it may hold the database password).
@@ -183,11 +191,20 @@ class SlurmCluster:
         return subprocess.run(["sacctmgr", *args], capture_output=True, text=True, env=self.env,
                               check=False, timeout=30)
 
-    def mariadb(self, sql: str) -> None:
-        proc = subprocess.run([*MARIADB, "-e", sql], capture_output=True, text=True, check=False, timeout=30)
+    def _drop_stale_databases(self) -> None:
+        """Databases of earlier runs whose process is gone (killed before it could drop them)."""
+        for name in self.mariadb("SHOW DATABASES LIKE 'chatai\\_acct\\_%'").split():
+            pid = name.split("_")[2]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                self.mariadb(f"DROP DATABASE IF EXISTS `{name}`")
+
+    def mariadb(self, sql: str) -> str:
+        proc = subprocess.run([*MARIADB, "-N", "-B", "-e", sql], capture_output=True, text=True, check=False,
+                              timeout=30)
         if proc.returncode != 0:
             raise HarnessError(f"MariaDB at 127.0.0.1:3306 refused {sql!r}: {proc.stderr.strip()} (is mariadbd "
                                "running? start-stop-daemon --start --background --exec /usr/sbin/mariadbd)")
+        return proc.stdout
 
     def _drop_database(self) -> None:
         if self.database:

@@ -60,6 +60,10 @@ DATE_RANGE = [
     {"name": "to", "in": "query", "required": False, "description": "Last day (UTC), inclusive.",
      "schema": {"type": "string", "format": "date"}},
 ]
+USAGE_FILTER = [*DATE_RANGE, {"name": "project", "in": "query", "required": False,
+                              "description": "Only the rows charged to this project (by name).",
+                              "schema": {"type": "string", "minLength": 1, "maxLength": 100}}]
+PROJECT_NAME = {"type": "string", "minLength": 1, "maxLength": 100}
 
 COUNTS = {"model": STRING, "requests": INT, "errors": INT, "prompt_tokens": INT, "completion_tokens": INT}
 
@@ -71,14 +75,19 @@ SCHEMAS: dict[str, Any] = {
     "Key": obj({"prefix": STRING, "name": STRING, "created_at": DATETIME, "expires_at": nullable(DATETIME),
                 "revoked_at": nullable(DATETIME), "last_used_at": nullable(DATETIME),
                 "allowed_models": {"type": "array", "items": STRING},
-                "state": {"type": "string", "enum": ["active", "expired", "revoked"]}},
+                "state": {"type": "string", "enum": ["active", "expired", "revoked"]},
+                "project": nullable({"type": "string", "description": "The project its usage is charged to."})},
                ["prefix", "name", "created_at", "expires_at", "revoked_at", "last_used_at", "allowed_models",
-                "state"]),
+                "state", "project"]),
     "KeyCreate": obj({"name": {"type": "string", "minLength": 1, "maxLength": 100},
                       "expires_days": nullable({"type": "integer", "minimum": 1, "maximum": 3650}),
                       "models": {"type": "array", "maxItems": 100, "items": {"type": "string", "maxLength": 200},
                                  "description": "Only these models; empty: all the user may use (for a request "
-                                                "made with a key: that key's models)."}},
+                                                "made with a key: that key's models)."},
+                      "project": nullable({**PROJECT_NAME,
+                                           "description": "Charge its usage to this project of mine (default: my "
+                                                          "default project; for a request made with a key: that "
+                                                          "key's project, and no other)."})},
                      ["name"]),
     "LimitState": obj({"limit": INT, "used": INT, "remaining": INT, "reset_seconds": nullable(INT)},
                       ["limit", "used", "remaining", "reset_seconds"]),
@@ -95,19 +104,33 @@ SCHEMAS: dict[str, Any] = {
                    ["scope", "limits"])},
                "budgets": {"type": "array", "items": ref("Budget"),
                            "description": "The token budgets this caller's requests count against (the "
-                                          "project's, each group's for each member, the user's own), this period."}},
-              ["username", "groups", "key", "models", "limits", "budgets"]),
+                                          "project's, each group's for each member, the user's own), this period."},
+               "projects": {"type": "array", "items": ref("Project"),
+                            "description": "My projects by name; the first is my default."},
+               "project": nullable({"type": "string", "description": "The project this request is charged to: "
+                                                                     "the key's, or the chat's choice (default: "
+                                                                     "the first of mine)."})},
+              ["username", "groups", "key", "models", "limits", "budgets", "projects", "project"]),
+    "Project": obj({"name": STRING, "slurm_account": {"type": "string", "description": "Empty when none."}},
+                   ["name", "slurm_account"]),
+    "ProjectChoice": obj({"project": nullable({**PROJECT_NAME, "description": "One of my projects; null: my "
+                                                                              "default."})}, ["project"]),
+    "ProjectInUse": obj({"project": nullable(STRING), "projects": {"type": "array", "items": ref("Project")}},
+                        ["project", "projects"]),
     "Budget": obj({"name": STRING, "scope": {"type": "string", "enum": ["project", "group", "user"]},
                    "owner": {"type": "string", "description": "The project's or group's name, or the username."},
                    "limit": INT, "used": INT, "remaining": INT,
                    "period": {"type": "string", "enum": ["day", "week", "month"]},
                    "period_start": DATETIME, "resets_at": DATETIME},
                   ["name", "scope", "owner", "limit", "used", "remaining", "period", "period_start", "resets_at"]),
-    "UsageRow": obj({"day": {"type": "string", "format": "date"}, **COUNTS}, ["day", *COUNTS]),
+    "UsageRow": obj({"day": {"type": "string", "format": "date"}, "project": nullable(STRING), **COUNTS},
+                    ["day", "project", *COUNTS]),
     "AdminUsage": obj({
         "by_user": {"type": "array", "items": obj({"user": nullable(STRING), **COUNTS}, ["user", *COUNTS])},
-        "by_group": {"type": "array", "items": obj({"group": nullable(STRING), **COUNTS}, ["group", *COUNTS])}},
-        ["by_user", "by_group"]),
+        "by_group": {"type": "array", "items": obj({"group": nullable(STRING), **COUNTS}, ["group", *COUNTS])},
+        "by_project": {"type": "array", "items": obj({"project": nullable(STRING), **COUNTS},
+                                                     ["project", *COUNTS])}},
+        ["by_user", "by_group", "by_project"]),
     "Platform": obj({"name": STRING, "up": {"type": "boolean"}, "connections": INT, "streams": INT,
                      "failures": INT, "last_error": STRING, "retry_in": {"type": "number"},
                      "last_pong": {"type": "object"},
@@ -195,6 +218,13 @@ def schema(base_url: str = "/") -> dict[str, Any]:
         "paths": {
             "/api/me": {"get": {**api, "operationId": "me", "summary": "Who I am, my models, my limits, what is left",
                                 "responses": {**ok(ref("Me")), **errors("401", "429")}}},
+            "/api/me/project": {"put": {
+                **api, "operationId": "me_project", "summary": "Charge my chat to another of my projects",
+                "description": "Kept in the signed-in session: the chat's requests are charged to it from the "
+                               "next one on. A request made with a key gets 403 (a key's project is fixed); a "
+                               "project I am not a member of gets 400 naming `project`.",
+                "requestBody": {"required": True, "content": {JSON: {"schema": ref("ProjectChoice")}}},
+                "responses": {**ok(ref("ProjectInUse")), **errors("400", "401", "403", "429")}}},
             "/api/keys": {
                 "get": {**api, "operationId": "keys_list", "summary": "My API keys (never their secrets)",
                         "responses": {**ok(obj({"data": {"type": "array", "items": ref("Key")}}, ["data"])),
@@ -212,13 +242,14 @@ def schema(base_url: str = "/") -> dict[str, Any]:
                 "parameters": [{"name": "prefix", "in": "path", "required": True, "schema": STRING,
                                 "description": "The 12 characters after `cai-`."}],
                 "responses": {**ok(ref("Key")), **errors("401", "403", "404", "429")}}},
-            "/api/usage": {"get": {**api, "operationId": "usage", "summary": "My requests per model and day",
-                                   "parameters": DATE_RANGE,
+            "/api/usage": {"get": {**api, "operationId": "usage",
+                                   "summary": "My requests per day, model and project",
+                                   "parameters": USAGE_FILTER,
                                    "responses": {**ok(obj({"data": {"type": "array", "items": ref("UsageRow")}},
                                                           ["data"])), **errors("400", "401", "429")}}},
             "/api/admin/usage": {"get": {"tags": ["admin"], "operationId": "admin_usage",
-                                         "summary": "Everyone's requests per user and model, per group and model",
-                                         "parameters": DATE_RANGE,
+                                         "summary": "Everyone's requests per user, group and project, and model",
+                                         "parameters": USAGE_FILTER,
                                          "responses": {**ok(ref("AdminUsage")), **errors("400", "401", "403", "429")}}},
             "/api/admin/platforms": {"get": {"tags": ["admin"], "operationId": "admin_platforms",
                                              "summary": "Each platform: link, models, instances, demand",

@@ -1,4 +1,4 @@
-"""Reads of the resource API: the caller's limits left, usage (counts only, never content), platforms."""
+"""Reads of the resource API: the caller's limits left, projects, usage (counts only, never content), platforms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from asgiref.sync import async_to_sync
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, F, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
 from gateway import registry
@@ -15,10 +15,12 @@ from gateway.budgets import budgets
 from gateway.caller import Caller
 from gateway.limits import NO_LIMITS, limiter
 from gateway.models import UsageRecord
+from gateway.projects import projects_of
 from hpcbridge.registry import get_bridge
 
 TOTALS = {"requests": Count("id"), "errors": Count("id", filter=Q(status__gte=400)),
           "prompt_tokens": Sum("prompt_tokens"), "completion_tokens": Sum("completion_tokens")}
+LAST_NULL = F("project__name").asc(nulls_last=True)  # usage charged to no project last, on every database
 
 
 def limits_of(caller: Caller) -> list[dict[str, Any]]:
@@ -37,12 +39,20 @@ def budgets_of(caller: Caller) -> list[dict[str, Any]]:
     return [state.as_dict() for state in budgets.states_of(caller)]
 
 
+def projects_of_caller(caller: Caller) -> list[dict[str, Any]]:
+    """The user's projects (by name; the first is their default)."""
+    return [{"name": p.name, "slurm_account": p.slurm_account} for p in projects_of(caller.user, caller.group_ids)]
+
+
 def models_of(caller: Caller) -> list[dict[str, Any]]:
     entries = async_to_sync(registry.visible_models)(caller)
     return [{"id": e.id, "name": e.display_name or e.id, "status": e.status} for e in entries]
 
 
-def _dated(rows: QuerySet[UsageRecord], start: dt.date | None, end: dt.date | None) -> QuerySet[UsageRecord]:
+def _dated(rows: QuerySet[UsageRecord], start: dt.date | None, end: dt.date | None,
+           project: str | None = None) -> QuerySet[UsageRecord]:
+    if project is not None:
+        rows = rows.filter(project__name=project)
     if start is not None:
         rows = rows.filter(created_at__date__gte=start)
     if end is not None:
@@ -57,20 +67,25 @@ def _totals(row: Mapping[str, Any], **renamed: str) -> dict[str, Any]:
     return {**out, "prompt_tokens": row["prompt_tokens"] or 0, "completion_tokens": row["completion_tokens"] or 0}
 
 
-def usage_of(user: Any, start: dt.date | None, end: dt.date | None) -> list[dict[str, Any]]:
-    """The user's requests per model and day (UTC days): counts and tokens."""
-    rows = _dated(UsageRecord.objects.filter(user=user), start, end)
-    return [_totals(r) for r in rows.annotate(day=TruncDate("created_at")).values("day", "model")
-            .annotate(**TOTALS).order_by("day", "model")]
+def usage_of(user: Any, start: dt.date | None, end: dt.date | None,
+             project: str | None = None) -> list[dict[str, Any]]:
+    """The user's requests per day, model and project charged (UTC days): counts and tokens."""
+    rows = _dated(UsageRecord.objects.filter(user=user), start, end, project)
+    return [_totals(r, project="project__name") for r in rows.annotate(day=TruncDate("created_at"))
+            .values("day", "model", "project__name").annotate(**TOTALS).order_by("day", "model", LAST_NULL)]
 
 
-def usage_all(start: dt.date | None, end: dt.date | None) -> dict[str, list[dict[str, Any]]]:
-    """Everyone's requests per user and model, and per group and model (a user in two groups counts in both)."""
-    rows = _dated(UsageRecord.objects.all(), start, end)
+def usage_all(start: dt.date | None, end: dt.date | None,
+              project: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Everyone's requests per user and model, per group and model (a user in two groups counts in both),
+    and per project charged and model."""
+    rows = _dated(UsageRecord.objects.all(), start, end, project)
     per_user = rows.values("user__username", "model").annotate(**TOTALS).order_by("user__username", "model")
     per_group = rows.values("user__groups__name", "model").annotate(**TOTALS).order_by("user__groups__name", "model")
+    per_project = rows.values("project__name", "model").annotate(**TOTALS).order_by(LAST_NULL, "model")
     return {"by_user": [_totals(r, user="user__username") for r in per_user],
-            "by_group": [_totals(r, group="user__groups__name") for r in per_group]}
+            "by_group": [_totals(r, group="user__groups__name") for r in per_group],
+            "by_project": [_totals(r, project="project__name") for r in per_project]}
 
 
 async def _platforms() -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from gateway.models import ApiKey
 NAME_ERROR = "Give the key a name of 1 to 100 characters."
 DAYS_ERROR = "Expiry: a number of days from 1 to 3650, or empty for none."
 MODEL_ERROR = "A model name is at most 200 characters."
+PROJECT_ERROR = "A project is named by its name, 1 to 100 characters."
 
 
 class KeyCreateInput(serializers.Serializer):
@@ -23,15 +24,28 @@ class KeyCreateInput(serializers.Serializer):
     models = serializers.ListField(
         child=serializers.CharField(max_length=200, error_messages={"max_length": MODEL_ERROR}),
         required=False, default=list, max_length=100)
+    project = serializers.CharField(max_length=100, required=False, allow_null=True, error_messages={
+        k: PROJECT_ERROR for k in ("blank", "max_length", "invalid")})
+
+
+class ProjectChoiceInput(serializers.Serializer):
+    """The chat's choice of project: a name, or null for the user's default."""
+
+    project = serializers.CharField(max_length=100, allow_null=True, error_messages={
+        k: PROJECT_ERROR for k in ("required", "blank", "max_length", "invalid")})
 
 
 class KeyOutput(serializers.ModelSerializer):
     state = serializers.SerializerMethodField()
+    project = serializers.SerializerMethodField()
 
     class Meta:
         model = ApiKey
         fields = ["prefix", "name", "created_at", "expires_at", "revoked_at", "last_used_at", "allowed_models",
-                  "state"]
+                  "state", "project"]
+
+    def get_project(self, key: ApiKey) -> str | None:
+        return key.project.name if key.project_id is not None and key.project is not None else None
 
     def get_state(self, key: ApiKey) -> str:
         return "revoked" if key.revoked_at else "active" if key.is_active() else "expired"
@@ -51,3 +65,10 @@ class DateRangeInput(serializers.Serializer):
         if attrs.get("from") and attrs.get("to") and attrs["from"] > attrs["to"]:
             raise serializers.ValidationError({"from": "'from' is after 'to'."})
         return attrs
+
+
+class UsageFilterInput(DateRangeInput):
+    """The date range, and ``?project=NAME`` for one project's rows only."""
+
+    project = serializers.CharField(max_length=100, required=False, error_messages={
+        k: PROJECT_ERROR for k in ("blank", "max_length", "invalid")})

@@ -6,6 +6,7 @@ from api import views
 
 urlpatterns = [
     path("me", views.MeApi.as_view(), name="api-me"),
+    path("me/project", views.MyProjectApi.as_view(), name="api-me-project"),
     path("keys", views.KeyListApi.as_view(), name="api-keys"),
     path("keys/<str:prefix>", views.KeyDetailApi.as_view(), name="api-key"),
     path("usage", views.UsageApi.as_view(), name="api-usage"),

@@ -17,8 +17,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api import selectors, services
+from api.errors import body
 from api.openapi import schema
-from api.serializers import DateRangeInput, KeyCreateInput, KeyOutput
+from api.serializers import KeyCreateInput, KeyOutput, ProjectChoiceInput, UsageFilterInput
 from gateway.caller import Caller
 from gateway.models import ApiKey
 
@@ -34,12 +35,31 @@ class MeApi(APIView):
             "key": None if key is None else KeyOutput(key).data,
             "models": selectors.models_of(caller),
             "limits": selectors.limits_of(caller),
-            "budgets": selectors.budgets_of(caller)})
+            "budgets": selectors.budgets_of(caller),
+            "projects": selectors.projects_of_caller(caller),
+            "project": caller.project.name if caller.project is not None else None})
+
+
+class MyProjectApi(APIView):
+    """The project the signed-in chat's requests are charged to, kept in the session."""
+
+    def put(self, request: Request) -> Response:
+        caller = cast(Caller, request.auth)
+        if caller.key is not None:
+            return Response(body(403, "A key's requests are charged to the key's own project; this choice is the "
+                                 "signed-in chat's.", "key_project_fixed"), status=403)
+        data = ProjectChoiceInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        project = services.session_project_choose(user=request.user, group_ids=caller.group_ids,
+                                                  name=data.validated_data["project"], session=request.session)
+        return Response({"project": project.name if project is not None else None,
+                         "projects": selectors.projects_of_caller(caller)})
 
 
 class KeyListApi(APIView):
     def get(self, request: Request) -> Response:
-        return Response({"data": KeyOutput(ApiKey.objects.filter(user=cast(User, request.user)), many=True).data})
+        keys = ApiKey.objects.filter(user=cast(User, request.user)).select_related("project")
+        return Response({"data": KeyOutput(keys, many=True).data})
 
     def post(self, request: Request) -> Response:
         data = KeyCreateInput(data=request.data)
@@ -47,7 +67,8 @@ class KeyListApi(APIView):
         key, secret = services.key_create(user=request.user, name=data.validated_data["name"].strip(),
                                           expires_days=data.validated_data.get("expires_days"),
                                           models=[m.strip() for m in data.validated_data["models"] if m.strip()],
-                                          parent=request.auth.key)
+                                          parent=request.auth.key, project=data.validated_data.get("project"),
+                                          group_ids=cast(Caller, request.auth).group_ids)
         response = Response({**KeyOutput(key).data, "secret": secret}, status=201)
         response["Cache-Control"] = "no-store"  # the only time the secret is shown
         return response
@@ -63,19 +84,21 @@ class KeyDetailApi(APIView):
 
 class UsageApi(APIView):
     def get(self, request: Request) -> Response:
-        dates = DateRangeInput(data=request.query_params)
-        dates.is_valid(raise_exception=True)
-        return Response({"data": selectors.usage_of(request.user, dates.validated_data.get("from"),
-                                                    dates.validated_data.get("to"))})
+        query = UsageFilterInput(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        return Response({"data": selectors.usage_of(request.user, query.validated_data.get("from"),
+                                                    query.validated_data.get("to"),
+                                                    query.validated_data.get("project"))})
 
 
 class AdminUsageApi(APIView):
     permission_classes = [permissions.IsAdminUser]
 
     def get(self, request: Request) -> Response:
-        dates = DateRangeInput(data=request.query_params)
-        dates.is_valid(raise_exception=True)
-        return Response(selectors.usage_all(dates.validated_data.get("from"), dates.validated_data.get("to")))
+        query = UsageFilterInput(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        return Response(selectors.usage_all(query.validated_data.get("from"), query.validated_data.get("to"),
+                                            query.validated_data.get("project")))
 
 
 class AdminPlatformsApi(APIView):
@@ -93,8 +116,6 @@ class SchemaApi(APIView):
 
 
 def _not_found(message: str) -> Response:
-    from api.errors import body
-
     return Response(body(404, message, "not_found"), status=404)
 
 

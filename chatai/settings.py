@@ -14,6 +14,7 @@ from pathlib import Path
 
 from chatai import netaddr
 from common.env import env, envbool, envint, envlist
+from gateway.project_sync import parse_projects
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env("CHATAI_DATA_DIR", str(BASE_DIR / "var")))
@@ -215,6 +216,10 @@ HPC_PLATFORMS = (
 )
 
 # -- gateway -----------------------------------------------------------------------------
+# Projects and the groups whose members belong to them (JSON, or PROJECTS_FILE), applied at every
+# `manage.py migrate`: {"chemistry": {"groups": ["chem"], "slurm_account": "chem01", "shares": 10},
+# "physics": ["physics"]}. A malformed value stops the start with an error naming PROJECTS.
+PROJECTS = parse_projects(env("PROJECTS"))
 # Keyed hash of API key secrets; rotating it invalidates every key.
 API_KEY_PEPPER = env("API_KEY_PEPPER") or hmac.new(SECRET_KEY.encode(), b"api-key-pepper", "sha256").hexdigest()
 # Largest request body. Django spools bodies above FILE_UPLOAD_MAX_MEMORY_SIZE to a temp file:
@@ -236,11 +241,6 @@ GATEWAY_POLICY_TTL = envint("GATEWAY_POLICY_TTL", 5)
 # prefix is remembered, so repeating it costs no database query.
 GATEWAY_AUTH_FAILURES_PER_MINUTE = envint("GATEWAY_AUTH_FAILURES_PER_MINUTE", 60)
 GATEWAY_UNKNOWN_KEY_TTL = envint("GATEWAY_UNKNOWN_KEY_TTL", 60)
-# Limits for users with no policy (None: unlimited).
-GATEWAY_DEFAULT_LIMITS = {
-    "requests_per_minute": envint("LIMIT_REQUESTS_PER_MINUTE", 120),
-    "requests_per_hour": None,
-    "requests_per_day": None,
 # Fair-share priority (gateway/fairshare.py, docs/accounting.md): on by default; off, every request
 # has priority 0 (first come, first served). Usage decays with a half-life of an hour: priorities
 # follow who has loaded the GPUs over the last hours, the span over which requests compete (a
@@ -258,6 +258,11 @@ for _name in ("FAIRSHARE_HALF_LIFE", "FAIRSHARE_DEFAULT_SHARES"):
         raise ValueError(f"{_name}={globals()[_name]} must be a positive whole number")
 if FAIRSHARE_CHAT_BOOST < 0:
     raise ValueError(f"FAIRSHARE_CHAT_BOOST={FAIRSHARE_CHAT_BOOST} must not be negative")
+# Limits for users with no policy (None: unlimited).
+GATEWAY_DEFAULT_LIMITS = {
+    "requests_per_minute": envint("LIMIT_REQUESTS_PER_MINUTE", 120),
+    "requests_per_hour": None,
+    "requests_per_day": None,
     "tokens_per_minute": None,
     "tokens_per_day": None,
     "parallel_streams": envint("LIMIT_PARALLEL_STREAMS", 16),

@@ -13,7 +13,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
 
+from gateway.limits import group_ids_of
 from gateway.models import ApiKey
+from gateway.projects import SESSION_KEY as PROJECT_SESSION_KEY
+from gateway.projects import ProjectRef, project_for_session, projects_of
 
 
 async def healthz(request: HttpRequest) -> JsonResponse:
@@ -21,9 +24,18 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+def _projects(request: HttpRequest) -> tuple[tuple[ProjectRef, ...], ProjectRef | None]:
+    """The signed-in user's projects and the one their chat is charged to now (the session's choice)."""
+    groups = group_ids_of(request.user)
+    return (projects_of(request.user, groups),
+            project_for_session(request.user, groups, request.session.get(PROJECT_SESSION_KEY)))
+
+
 @login_required
 def index(request: HttpRequest) -> HttpResponse:
-    return render(request, "chat.html", {"chat_defaults": settings.CHAT_DEFAULTS})
+    mine, current = _projects(request)
+    return render(request, "chat.html", {"chat_defaults": settings.CHAT_DEFAULTS, "projects": mine,
+                                         "project": current})
 
 
 def privacy(request: HttpRequest) -> HttpResponse:
@@ -44,8 +56,10 @@ def signin_failed(request: HttpRequest) -> HttpResponse:
 def keys(request: HttpRequest) -> HttpResponse:
     """The user's own API keys; the page creates and revokes them through /api/keys (static/chatai/keys.js)."""
     user = cast(User, request.user)  # signed in: login_required
-    context: dict[str, Any] = {"keys": ApiKey.objects.filter(user=user),
-                               "api_base": request.build_absolute_uri("/v1")}
+    mine = projects_of(request.user, group_ids_of(request.user))
+    context: dict[str, Any] = {"keys": ApiKey.objects.filter(user=user).select_related("project"),
+                               "api_base": request.build_absolute_uri("/v1"), "projects": mine,
+                               "default_project": mine[0] if mine else None}
     response = render(request, "keys.html", context)
     response["Cache-Control"] = "no-store"
     return response

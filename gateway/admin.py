@@ -4,16 +4,55 @@ import csv
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.auth import get_user_model
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 
-from gateway.models import ApiKey, ModelOverlay, NodeTimeCollection, RateLimitPolicy, UsageRecord
+from gateway import projects
+from gateway.models import ApiKey, Budget, ModelOverlay, NodeTimeCollection, Project, RateLimitPolicy, UsageRecord
+
+
+@admin.register(Project)
+class ProjectAdmin(admin.ModelAdmin):
+    """Projects and who belongs to them: the members of its groups (from the OIDC groups claim) and
+    those added by hand. Projects named in the PROJECTS setting get their groups back at every migrate."""
+
+    list_display = ("name", "slurm_account", "shares", "member_count", "group_names")
+    search_fields = ("name", "slurm_account", "description")
+    filter_horizontal = ("groups", "members")
+    fields = ("name", "slurm_account", "shares", "description", "groups", "members")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Project]:
+        return super().get_queryset(request).prefetch_related("groups")
+
+    @admin.display(description="members")
+    def member_count(self, project: Project) -> int:
+        """Everyone who is a member now: in one of its groups, or added by hand (counted once)."""
+        return get_user_model().objects.filter(
+            Q(projects=project) | Q(groups__in=project.groups.all())).distinct().count()
+
+    @admin.display(description="groups")
+    def group_names(self, project: Project) -> str:
+        return ", ".join(g.name for g in project.groups.all())
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
+        projects.forget()  # this worker applies it at once; the others within GATEWAY_POLICY_TTL
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    list_display = ("name", "project", "group", "user", "tokens", "period")
+    list_filter = ("period", "project")
+    search_fields = ("name", "project__name", "group__name", "user__username")
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ("name", "user", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
-    list_filter = ("revoked_at", "expires_at")
-    search_fields = ("name", "prefix", "user__username")
+    list_display = ("name", "user", "project", "prefix", "created_at", "expires_at", "revoked_at", "last_used_at")
+    list_filter = ("project", "revoked_at", "expires_at")
+    list_select_related = ("user", "project")
+    search_fields = ("name", "prefix", "user__username", "project__name")
     readonly_fields = ("prefix", "secret_hash", "last_used_at", "created_at")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -44,19 +83,20 @@ def export_csv(modeladmin: Any, request: HttpRequest, queryset: Any) -> HttpResp
     response = HttpResponse(content_type="text/csv")
     response["Content-Disposition"] = 'attachment; filename="usage.csv"'
     writer = csv.writer(response)
-    fields = ["created_at", "user", "api_key", "model", "endpoint", "status", "prompt_tokens", "completion_tokens",
-              "duration_ms", "streamed"]
+    fields = ["created_at", "user", "api_key", "project", "model", "endpoint", "status", "prompt_tokens",
+              "completion_tokens", "duration_ms", "streamed"]
     writer.writerow(fields)
-    for row in queryset.select_related("user", "api_key"):
-        writer.writerow([getattr(row, f) for f in fields])
+    for row in queryset.select_related("user", "api_key", "project"):
+        writer.writerow(["" if getattr(row, f) is None else getattr(row, f) for f in fields])
     return response
 
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
-    list_display = ("created_at", "user", "api_key", "model", "endpoint", "status", "prompt_tokens",
+    list_display = ("created_at", "user", "api_key", "project", "model", "endpoint", "status", "prompt_tokens",
                     "completion_tokens", "duration_ms")
-    list_filter = ("model", "status", "endpoint", "created_at")
+    list_filter = ("project", "model", "status", "endpoint", "created_at")
+    list_select_related = ("user", "api_key", "project")
     date_hierarchy = "created_at"
     actions = [export_csv]
 

@@ -27,12 +27,13 @@ def hash_secret(secret: str) -> str:
 
 
 def api_key_create(*, user: User, name: str, expires_at: dt.datetime | None = None,
-                   allowed_models: Sequence[str] = ()) -> tuple[ApiKey, str]:
-    """The new key and its full secret, which is shown once and never stored."""
+                   allowed_models: Sequence[str] = (), project_id: int | None = None) -> tuple[ApiKey, str]:
+    """The new key and its full secret, which is shown once and never stored. Its usage is charged to
+    ``project_id`` (the caller checked the user is a member)."""
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(30)
     key = ApiKey.objects.create(user=user, name=name, prefix=prefix, secret_hash=hash_secret(secret),
-                                expires_at=expires_at, allowed_models=list(allowed_models))
+                                expires_at=expires_at, allowed_models=list(allowed_models), project_id=project_id)
     caches["default"].delete(_unknown(prefix))  # a miss remembered before it existed must not hide it
     return key, f"{KEY_PREFIX}{prefix}.{secret}"
 

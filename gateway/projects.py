@@ -58,6 +58,23 @@ def project_for_session(user: Any, group_ids: frozenset[int], chosen: Any) -> Pr
     return mine[0] if mine else None
 
 
+class NotAMember(ValueError):
+    """A project was named that the user is not a member of (or that does not exist: the same to them)."""
+
+
+def project_of_user(user: Any, group_ids: frozenset[int], name: str | None) -> ProjectRef | None:
+    """The user's project called ``name``; without a name, the user's default (the first by name, or
+    none). Raises NotAMember when the user has no project of that name. Sync."""
+    mine = projects_of(user, group_ids)
+    if name is None:
+        return mine[0] if mine else None
+    for project in mine:
+        if project.name == name:
+            return project
+    have = ", ".join(p.name for p in mine) or "none"
+    raise NotAMember(f"{user.get_username()} is not a member of a project named {name!r} (their projects: {have}).")
+
+
 def project_for_key(key: Any) -> ProjectRef | None:
     """The key's project (loaded with the key), or none."""
     project = getattr(key, "project", None) if key.project_id is not None else None

@@ -180,8 +180,8 @@ def test_usage_is_per_model_and_day_mine_only_and_filtered_by_date(app: LiveApp)
               "created_at=at(1))\n")
     status, _, body = call(app, "GET", "/api/usage?from=2026-03-01&to=2026-03-01", key)
     assert status == 200, body
-    assert body["data"] == [{"day": "2026-03-01", "model": "m1", "requests": 2, "errors": 1, "prompt_tokens": 5,
-                             "completion_tokens": 7}]
+    assert body["data"] == [{"day": "2026-03-01", "model": "m1", "project": None, "requests": 2, "errors": 1,
+                             "prompt_tokens": 5, "completion_tokens": 7}]
     rows = call(app, "GET", "/api/usage?from=2026-03-01&to=2026-03-31", key)[2]["data"]
     assert [(r["day"], r["model"]) for r in rows] == [("2026-03-01", "m1"), ("2026-03-02", "m2")]
     status, _, body = call(app, "GET", "/api/usage?from=2026-03-05&to=2026-03-01", key)

@@ -56,6 +56,7 @@
       cell(row, k.expires_at ? k.expires_at.slice(0, 10) : "never");
       cell(row, k.last_used_at ? k.last_used_at.slice(0, 16).replace("T", " ") : "never");
       cell(row, k.allowed_models.length ? k.allowed_models.join(", ") : "all");
+      cell(row, k.project || "none");
       cell(row, k.state);
       var actions = cell(row, "");
       if (k.state !== "revoked") {
@@ -84,6 +85,7 @@
       .filter(function (m) { return m; });
     var body = {name: form.elements.name.value.trim(), models: models,
                 expires_days: days === "" ? null : (/^\d+$/.test(days) ? parseInt(days, 10) : days)};
+    if (form.elements.project) body.project = form.elements.project.value;  // only users with projects have it
     var button = form.querySelector("button[type=submit]");
     button.disabled = true;
     call("POST", api, body).then(function (r) {

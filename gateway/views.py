@@ -323,10 +323,13 @@ async def models(request: HttpRequest) -> HttpResponse:
 async def model_detail(request: HttpRequest, model: str) -> HttpResponse:
     try:
         caller = await caller_of(request)
-        entry = await registry.resolve(model, caller)
     except ApiError as exc:
         return exc.response()
-    return with_budget(JsonResponse(entry.as_openai()), await budgets.headers_for(caller))
+    try:
+        response = JsonResponse((await registry.resolve(model, caller)).as_openai())
+    except ApiError as exc:
+        response = exc.response()
+    return with_budget(response, await budgets.headers_for(caller))
 
 
 def with_budget(response: HttpResponse, headers: dict[str, str]) -> HttpResponse:

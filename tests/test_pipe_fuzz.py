@@ -55,7 +55,9 @@ def test_forcecommand_refuses_every_other_command_in_one_line(config_path: Path,
        .filter(lambda t: t.strip(" \t") not in VERBS))
 def test_the_real_forcecommand_process_refuses_random_commands(config_path: Path, tmp_path: Path, text: str) -> None:
     marker = tmp_path / "ran"
-    env = {"PATH": "/usr/bin:/bin", "SSH_ORIGINAL_COMMAND": text + f"; touch {marker}"}
+    # As bytes: sshd passes what the client sent, which need not be UTF-8 (a lone surrogate here).
+    env = {b"PATH": b"/usr/bin:/bin",
+           b"SSH_ORIGINAL_COMMAND": (text + f"; touch {marker}").encode("utf-8", "surrogatepass")}
     proc = subprocess.run([sys.executable, "-S", "-m", "hpcside", "--config", str(config_path), "forcecommand"],
                           cwd=ROOT, env=env, capture_output=True, timeout=20, check=False)
     assert proc.returncode == 1 and proc.stdout == b""

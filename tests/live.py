@@ -55,6 +55,7 @@ class LiveApp:
     extra_env: dict[str, str] = field(default_factory=dict)
     services: str = ""  # [service:...] sections instead of the two test stubs
     port: int = 0  # the first worker's port, when it must be known before start (OIDC redirect URIs)
+    hpcside: dict[str, str] = field(default_factory=dict)  # [hpcside] settings over the tests' (python, say)
 
     @property
     def url(self) -> str:
@@ -97,7 +98,7 @@ class LiveApp:
     def _start(self) -> None:
         local_services(self.dir / "services.ini", self.dir / "hpcside", "live",
                        self.services or stub_service("stub", "stub-model", idle_timeout="10m")
-                       + stub_service("other", "other-model"))
+                       + stub_service("other", "other-model"), **self.hpcside)
         if self.db == "postgresql":
             self.db_name = f"chatai_live_{os.getpid()}_{free_port()}"
             subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c", f"CREATE DATABASE {self.db_name}"],

@@ -236,3 +236,26 @@ def test_a_client_priority_field_is_refused_naming_the_field() -> None:
         parse_body(request, "chat")
     assert caught.value.status == 400
     assert caught.value.body()["error"]["param"] == "priority"
+
+
+@pytest.mark.django_db
+def test_staff_read_a_users_standing_with_manage_py_fairshare(settings: Any) -> None:
+    from io import StringIO
+
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+
+    settings.FAIRSHARE, settings.FAIRSHARE_CHAT_BOOST = True, 100
+    fs.forget()
+    heavy, light = User.objects.create_user("heavy-fs"), User.objects.create_user("light-fs")
+    fs.fairshare.counters.add_sync(fs.subjects_of(heavy.pk, None), 3000)
+    fs.fairshare.counters.add_sync(fs.subjects_of(light.pk, None), 1000)
+    out = StringIO()
+    try:
+        call_command("fairshare", "heavy-fs", "light-fs", stdout=out)
+    finally:
+        fs.forget()
+    rows = {line.split()[0]: line.split() for line in out.getvalue().splitlines()[2:]}
+    # Whatever else this process's counters hold, the heavy user stands behind the light one.
+    assert int(rows["heavy-fs"][-2]) > int(rows["light-fs"][-2])  # API
+    assert int(rows["heavy-fs"][-1]) == int(rows["heavy-fs"][-2]) - 100  # chat: the boost ahead

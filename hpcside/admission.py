@@ -2,12 +2,14 @@
 
 Each request carries a priority (an int, lower = earlier, as vLLM's; the gateway computes it from
 its user's and project's recent usage and sends it in ``x-chatai-priority``). A session's router
-lets at most ``max_inflight`` of its requests run on one instance at a time. While every ready
-instance of the model is at that cap, or none is ready (a cold start), a request waits in the
-model's ``AdmissionQueue``; whenever a slot frees or an instance appears, the router admits the
-waiters in order: lowest priority first, then first come, first served. Capping admission is what
-makes the order exact: vLLM's own priority scheduling orders only what waits inside it, while the
-requests it already runs keep sharing each step with a newcomer (docs/hpcside.md).
+starts a request on an instance only while fewer than ``max_inflight`` of its requests with the
+same or a better priority run there, and fewer than twice that in all (``fits``). Otherwise, or
+when no instance is ready (a cold start), the request waits in the model's ``AdmissionQueue``;
+whenever a request ends or an instance appears, the router admits the waiters in order: lowest
+priority first, then first come, first served. Capping admission is what makes the order exact:
+vLLM's own priority scheduling orders only what waits inside it, while the requests it already
+runs keep sharing each step with a newcomer; counting only the same or better priorities is what
+keeps a light request from waiting for a heavy stream to end (docs/hpcside.md).
 
 Pure bookkeeping: no I/O, no clock, no event loop. The router wakes a waiter by completing the
 ``wake`` object it attached to the ticket (an asyncio future).
@@ -16,7 +18,7 @@ Pure bookkeeping: no I/O, no clock, no event loop. The router wakes a waiter by 
 from __future__ import annotations
 
 import heapq
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 PRIORITY_HEADER = "x-chatai-priority"
 PRIORITY_LIMIT = 100000  # priorities are clamped to -LIMIT..LIMIT
@@ -32,6 +34,18 @@ def parse_priority(value: Any) -> int:
     if not digits or len(digits) > _MAX_DIGITS or not digits.isdigit() or not digits.isascii():
         return 0
     return max(-PRIORITY_LIMIT, min(PRIORITY_LIMIT, int(text)))
+
+
+def fits(running: Sequence[int], priority: int, cap: int) -> bool:
+    """Whether a request of this priority may start on an instance running requests of the
+    ``running`` priorities: fewer than ``cap`` of those have the same or a better (lower) priority,
+    and fewer than ``2 * cap`` run in all. Requests of a worse priority do not hold a better one
+    back (up to the hard bound): a light user's request starts at once beside a heavy user's
+    backlog instead of waiting for one of its streams to end. O(len(running)), kept small by the
+    bound."""
+    if len(running) >= 2 * cap:
+        return False
+    return sum(1 for p in running if p <= priority) < cap
 
 
 class Ticket:

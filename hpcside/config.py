@@ -230,9 +230,10 @@ class ServiceConfig:
     min_instances: int = 0
     max_instances: int = 1
     scale_up_inflight: int = 8
-    # Requests of one session running at once on one instance; more wait at the router, in
-    # priority order (hpcside/admission.py; the default is explained in docs/hpcside.md).
-    max_inflight: int = 16
+    # Requests of one session running at once on one instance with the same or a better priority
+    # (twice that in all); more wait at the router, in priority order (hpcside/admission.py; the
+    # default is explained in docs/hpcside.md).
+    max_inflight: int = 64
     # vLLM's scheduling policy: "priority" (each request's fair-share priority reaches vLLM) or "fcfs".
     scheduling_policy: str = "priority"
     scale_down_delay: float = 300.0

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import __version__, nodetime
 from . import protocol as p
-from .admission import PRIORITY_HEADER, AdmissionQueue, Ticket, parse_priority
+from .admission import PRIORITY_HEADER, AdmissionQueue, Ticket, fits, parse_priority
 from .config import Config, ServiceConfig
 from .lifecycle import Stage, service_status
 from .resume import Transcript
@@ -114,9 +114,11 @@ class Router:
         # Instances that failed a request here, with when: out of routing at once, until a
         # reconcile that started after the failure lists them as ready again (or drops them).
         self.suspect: Dict[str, float] = {}
-        # Admission (hpcside/admission.py): at most max_inflight of this session's requests per
-        # instance; the others wait in their model's queue, lowest priority number first.
+        # Admission (hpcside/admission.py): per instance, at most max_inflight of this session's
+        # requests with the same or a better priority (twice that in all); the others wait in their
+        # model's queue, lowest priority number first. ``running``: the priorities in flight.
         self.caps = {svc.model: svc.max_inflight for svc in config.services.values()}
+        self.running: Dict[str, List[int]] = {}
         self.queues: Dict[str, AdmissionQueue] = {}
         self.arrivals = itertools.count()  # a request's place among equal priorities
 
@@ -160,35 +162,39 @@ class Router:
         """The ready instances of a model, leaving out those that just failed here."""
         return [i for i in self.table().get(model, []) if i.iid not in self.suspect]
 
-    def pick(self, model: str) -> Optional[Instance]:
-        """The routable instance with the fewest requests in flight, if it has a free slot."""
-        candidates = self.routable(model)
+    def pick(self, model: str, priority: int = 0) -> Optional[Instance]:
+        """Of the routable instances with a slot for this priority, the one with the fewest requests
+        in flight."""
+        cap = self.caps.get(model, 1)
+        candidates = [i for i in self.routable(model) if fits(self.running.get(i.iid, ()), priority, cap)]
         if not candidates:
             return None
-        best = min(candidates, key=lambda i: self.inflight.get(i.iid, 0))
-        return best if self.inflight.get(best.iid, 0) < self.caps.get(model, 1) else None
+        return min(candidates, key=lambda i: self.inflight.get(i.iid, 0))
 
     def admit(self, model: str, ticket: Ticket) -> Optional[Instance]:
-        """An instance with a slot taken for this request when one is free and nobody waits;
-        else the ticket joins the model's queue (and is woken by ``dispatch``)."""
+        """An instance with a slot taken for this request when one fits it and nobody waits before
+        it; else the ticket joins the model's queue (and is woken by ``dispatch``)."""
         queue = self.queues.get(model)
-        if not queue:
-            inst = self.pick(model)
+        first = queue.first() if queue else None
+        if first is None or ticket.key < first.key:
+            inst = self.pick(model, ticket.priority)
             if inst is not None:
-                self.begin(model, inst.iid)
+                self.begin(model, inst.iid, ticket.priority)
                 return inst
         self.queues.setdefault(model, AdmissionQueue()).push(ticket)
         return None
 
     def dispatch(self, model: str) -> None:
-        """Admit waiting requests, in order, while an instance has a free slot."""
+        """Admit waiting requests, in order, while the first one fits an instance (when it does
+        not, no later one does: those have the same or a worse priority)."""
         queue = self.queues.get(model)
         while queue:
-            inst = self.pick(model)
+            first = queue.first()
+            inst = self.pick(model, first.priority) if first is not None else None
             if inst is None:
                 return
             ticket = queue.pop()
-            self.begin(model, inst.iid)
+            self.begin(model, inst.iid, ticket.priority)
             ticket.wake.set_result(inst)
 
     def leave(self, model: str, ticket: Ticket) -> None:
@@ -199,22 +205,28 @@ class Router:
             return
         wake = ticket.wake
         if wake is not None and wake.done() and not wake.cancelled():
-            self.end(model, wake.result().iid)
+            self.end(model, wake.result().iid, ticket.priority)
 
     def load(self, model: str) -> ModelLoad:
         return self.models.setdefault(model, ModelLoad())
 
-    def begin(self, model: str, iid: str) -> None:
+    def begin(self, model: str, iid: str, priority: int = 0) -> None:
         self.inflight[iid] = self.inflight.get(iid, 0) + 1
+        self.running.setdefault(iid, []).append(priority)
         m = self.load(model)
         m.inflight += 1
         m.last_request_at = time.time()
         self.dirty = True
 
-    def end(self, model: str, iid: str) -> None:
+    def end(self, model: str, iid: str, priority: int = 0) -> None:
         self.inflight[iid] = max(0, self.inflight.get(iid, 0) - 1)
         if not self.inflight[iid]:
             del self.inflight[iid]
+        running = self.running.get(iid)
+        if running is not None and priority in running:
+            running.remove(priority)
+            if not running:
+                del self.running[iid]
         m = self.load(model)
         m.inflight = max(0, m.inflight - 1)
         m.last_request_at = time.time()
@@ -521,7 +533,7 @@ class Session:
                     raise StreamError(502, "upstream_unreachable", "no instance of the model could be reached",
                                       retry_after=5) from None
             finally:
-                self.router.end(model, inst.iid)
+                self.router.end(model, inst.iid, ticket.priority)
 
     def continuation(self, sid: int, reply: Reply, body: bytes, failures: int) -> Optional[bytes]:
         """The request that continues a cut stream, or None when the stream was ended for the client."""

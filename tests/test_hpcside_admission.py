@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcside.admission import PRIORITY_LIMIT, AdmissionQueue, Ticket, parse_priority
+from hpcside.admission import PRIORITY_LIMIT, AdmissionQueue, Ticket, fits, parse_priority
 from hpcside.config import load
 from hpcside.serve import Router, with_priority
 from hpcside.state import ensure_dirs, write_json
@@ -115,23 +115,44 @@ def test_slots_go_to_waiting_requests_in_priority_order_as_they_free(tmp_path: P
     async def run() -> None:
         r = router(tmp_path, cap=2, instances=1)
         loop = asyncio.get_running_loop()
-        running = []
         for seq in range(2):
-            inst = r.admit("m", Ticket(10, seq, loop.create_future()))
-            assert inst is not None
-            running.append(inst)
+            assert r.admit("m", Ticket(10, seq, loop.create_future())) is not None
         assert r.inflight == {"i0": 2}
-        waiting = [Ticket(p, s, loop.create_future()) for s, p in [(2, 10), (3, 10), (4, 0)]]
-        for t in waiting:
-            assert r.admit("m", t) is None
-        assert len(r.queues["m"]) == 3
-        r.end("m", "i0")  # a slot frees: the light request (priority 0) gets it at once
-        assert waiting[2].wake.done() and not waiting[0].wake.done()
-        r.end("m", "i0")
-        assert waiting[0].wake.done() and not waiting[1].wake.done()
+        heavy = [Ticket(10, s, loop.create_future()) for s in (2, 3)]
+        for t in heavy:
+            assert r.admit("m", t) is None  # the heavy user's cap is reached: they wait
+        # A better priority does not wait for the heavy streams to end: two start at once beside them.
+        light = [Ticket(0, s, loop.create_future()) for s in (4, 5, 6)]
+        assert r.admit("m", light[0]) is not None and r.admit("m", light[1]) is not None
+        assert r.admit("m", light[2]) is None  # two of priority 0 or better run: the third waits
+        assert r.inflight == {"i0": 4} and len(r.queues["m"]) == 3
+        r.end("m", "i0", 10)  # a heavy stream ends: the first in line is light[2], which still does not fit,
+        assert not any(t.wake.done() for t in heavy + light[2:])  # and nobody behind it jumps the line
+        r.end("m", "i0", 0)  # a light one ends: light[2] goes
+        assert light[2].wake.done() and not heavy[0].wake.done()
+        r.end("m", "i0", 0)
+        r.end("m", "i0", 0)  # the light ones are done: the heavy ones go in their order
+        assert heavy[0].wake.done() and not heavy[1].wake.done()
         assert r.inflight == {"i0": 2} and len(r.queues["m"]) == 1
+        r.end("m", "i0", 10)
+        assert heavy[1].wake.done() and not r.queues["m"]
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("running, priority, fit", [
+    ([], 5, True),
+    ([10, 10], 10, False),  # the cap (2) counts the same priority
+    ([10, 10], 0, True),  # a better one starts beside them
+    ([10, 10, 0], 0, True),
+    ([10, 10, 0, 0], -5, False),  # twice the cap in all: nothing more, whatever the priority
+    ([0, 0], 10, False),  # a worse one counts the better ones too
+    ([0, 10], 10, False),
+    ([0, 10], 5, True),
+])
+def test_a_request_fits_while_fewer_than_the_cap_as_good_or_better_run_and_twice_the_cap_in_all(
+        running: list[int], priority: int, fit: bool) -> None:
+    assert fits(running, priority, 2) is fit
 
 
 def test_a_request_that_leaves_the_queue_frees_nothing_and_one_that_leaves_after_admission_gives_its_slot_on(

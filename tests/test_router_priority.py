@@ -4,8 +4,9 @@ generating, each request's x-request-id and the priority its body carried), and 
 start the scheduler with the local launcher.
 
 A heavy user's backlog of slow streams fills the admission cap; a light user's request (a lower
-priority number, as the gateway computes it) is admitted with the next free slot, ahead of the
-older heavy ones. Pure logic of the queue is in tests/test_hpcside_admission.py.
+priority number, as the gateway computes it) starts at once beside them, ahead of the older heavy
+ones, which wait for their own streams to end. Pure logic of the queue is in
+tests/test_hpcside_admission.py.
 """
 
 from __future__ import annotations
@@ -131,12 +132,12 @@ class Client:
             await asyncio.sleep(0.02)
 
 
-async def queue_after_two_heavy(site: Site, client: Client, later: list[tuple[str, int | None, dict[str, Any]]]
-                                ) -> list[asyncio.Task[None]]:
+async def queue_after_two_heavy(site: Site, client: Client, later: list[tuple[str, int | None, dict[str, Any]]],
+                                heavy_priority: int | None = 10) -> list[asyncio.Task[None]]:
     """Two heavy streams take both slots; then ``later`` arrive one by one (arrival order fixed)."""
     tasks = []
     for rid in ("h1", "h2"):
-        tasks.append(asyncio.ensure_future(client.stream(rid, 10, HEAVY)))
+        tasks.append(asyncio.ensure_future(client.stream(rid, heavy_priority, HEAVY)))
         await client.until(lambda rid=rid: rid in client.heads)
     for rid, priority, extra in later:
         tasks.append(asyncio.ensure_future(client.stream(rid, priority, extra)))
@@ -144,7 +145,7 @@ async def queue_after_two_heavy(site: Site, client: Client, later: list[tuple[st
     return tasks
 
 
-def test_a_light_request_is_admitted_with_the_next_free_slot_ahead_of_an_older_heavy_backlog(site: Site) -> None:
+def test_a_light_request_starts_at_once_beside_a_heavy_backlog_that_waits_its_turn(site: Site) -> None:
     client = Client(site.platform)
     queued_seen: list[int] = []
 
@@ -154,15 +155,22 @@ def test_a_light_request_is_admitted_with_the_next_free_slot_ahead_of_an_older_h
             ("light1", 0, LIGHT), ("light2", 0, LIGHT), ("h6", 10, HEAVY)])
         _, models = await site.platform.request("GET", "/v1/models")
         queued_seen.extend(m["queued"] for m in json.loads(models)["data"] if m["id"] == "m")
+        light_done.append(all(rid in client.text for rid in ("light1", "light2")))
+        first_heavy_done.append("h1" in client.text)
         await asyncio.gather(*tasks)
 
+    light_done: list[bool] = []
+    first_heavy_done: list[bool] = []
     asyncio.run(scenario())
     started = site.started()
     # The light requests go next, in their own arrival order; the heavy ones keep theirs.
     assert [rid for rid, _ in started] == ["h1", "h2", "light1", "light2", "h3", "h4", "h5", "h6"]
+    # ...and at once: both were answered while the first heavy stream still ran.
+    assert light_done == [True] and first_heavy_done == [False]
+    assert not client.progress["light1"] and not client.progress["light2"]
     # The priority reached vLLM in the body (vLLM's default 0 is left out).
     assert dict(started) == {"h1": 10, "h2": 10, "light1": 0, "light2": 0, "h3": 10, "h4": 10, "h5": 10, "h6": 10}
-    assert queued_seen == [6]
+    assert queued_seen == [4]  # the heavy ones
     assert set(client.status.values()) == {200}
     assert all(b"data: [DONE]" in raw for raw in client.text.values())
     # Waiting more than a second for a slot is reported, with the requests ahead.
@@ -176,11 +184,12 @@ def test_without_a_priority_header_requests_are_served_first_come_first_served(s
 
     async def scenario() -> None:
         tasks = await queue_after_two_heavy(site, client, [("a", None, LIGHT), ("b", None, LIGHT),
-                                                           ("c", None, LIGHT)])
+                                                           ("c", None, LIGHT)], heavy_priority=None)
         await asyncio.gather(*tasks)
 
     asyncio.run(scenario())
-    assert [rid for rid, _ in site.started()][2:] == ["a", "b", "c"]
+    assert [rid for rid, _ in site.started()] == ["h1", "h2", "a", "b", "c"]
+    assert client.heads["a"] > client.heads["h1"] + 1.0  # a waited for a slot: no priority, no way past
 
 
 def test_a_cancelled_waiting_request_leaves_the_queue_without_taking_or_freeing_a_slot(site: Site) -> None:
@@ -191,7 +200,7 @@ def test_a_cancelled_waiting_request_leaves_the_queue_without_taking_or_freeing_
         tasks = await queue_after_two_heavy(site, client, [])
         gone = site.platform.stream("POST", "/v1/chat/completions", "m",
                                     {"content-type": "application/json", "x-request-id": "gone",
-                                     "x-chatai-priority": "0"},
+                                     "x-chatai-priority": "10"},
                                     json.dumps({"model": "m", "messages": ASK, "stream": True, **LIGHT}).encode())
         pending = asyncio.ensure_future(gone.__anext__())
         await asyncio.sleep(0.3)  # queued behind the two heavy streams
@@ -199,13 +208,13 @@ def test_a_cancelled_waiting_request_leaves_the_queue_without_taking_or_freeing_
         pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
         await gone.aclose()  # type: ignore[attr-defined]  # the bridge sends CANCEL
-        tasks.append(asyncio.ensure_future(client.stream("next", 5, LIGHT)))
+        tasks.append(asyncio.ensure_future(client.stream("next", 10, LIGHT)))
         await asyncio.sleep(0.3)
         _, models = await site.platform.request("GET", "/v1/models")
         queued.extend(m["queued"] for m in json.loads(models)["data"] if m["id"] == "m")
         await asyncio.gather(*tasks)
         # Both slots are free again: two requests run at once, neither waits.
-        both = [asyncio.ensure_future(client.stream(rid, 0, HEAVY)) for rid in ("x", "y")]
+        both = [asyncio.ensure_future(client.stream(rid, 10, HEAVY)) for rid in ("x", "y")]
         await client.until(lambda: {"x", "y"} <= set(client.heads), timeout=1.0)
         await asyncio.gather(*both)
 
@@ -230,7 +239,7 @@ def test_requests_waiting_for_a_slot_count_as_waiting_for_the_scheduler(site: Si
     seen: list[dict[str, Any]] = []
 
     async def scenario() -> None:
-        tasks = await queue_after_two_heavy(site, client, [("w1", 0, LIGHT), ("w2", 0, LIGHT), ("w3", 0, LIGHT)])
+        tasks = await queue_after_two_heavy(site, client, [("w1", 10, LIGHT), ("w2", 10, LIGHT), ("w3", 10, LIGHT)])
         await asyncio.sleep(1.1)  # the session publishes its load every second
         for path in (site.state / "inflight").glob("*.json"):
             seen.append(json.loads(path.read_text()))

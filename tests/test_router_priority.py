@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from hpcbridge.client import Head, Platform, Progress
+from hpcbridge.client import BridgeError, Head, Platform, Progress
 from hpcbridge.config import PlatformConfig
 from hpcside.launchers import LocalLauncher
 from hpcside.state import ensure_dirs, read_json, write_json
@@ -65,7 +65,7 @@ class Site:
     """One stub instance in a hand-written routing table (the scheduler stays out of the way),
     a service with ``options``, and a session server over the local transport."""
 
-    def __init__(self, tmp_path: Path, policy: str = "priority", **options: str) -> None:
+    def __init__(self, tmp_path: Path, policy: str = "priority", settings: str = "", **options: str) -> None:
         self.proc, self.port = start_stub(policy)
         state = tmp_path / "state"
         ensure_dirs(state)
@@ -74,7 +74,7 @@ class Site:
         write_json(state / "last-reconcile", {"started_at": time.time()})
         extra = "".join(f"{k} = {v}\n" for k, v in options.items())
         (tmp_path / "services.ini").write_text(
-            f"[hpcside]\nstate_dir = {state}\nlauncher = local\nmin_interval = 1h\n\n"
+            f"[hpcside]\nstate_dir = {state}\nlauncher = local\nmin_interval = 1h\n{settings}\n"
             f"[service:m]\ntemplate = vllm-cpu\nmodel_path = /nonexistent\n{extra}")
         self.state = state
         self.platform = Platform(PlatformConfig(name="local", transport="local",
@@ -248,6 +248,27 @@ def test_requests_waiting_for_a_slot_count_as_waiting_for_the_scheduler(site: Si
     asyncio.run(scenario())
     assert seen and seen[0]["models"]["m"]["inflight"] == 2 and seen[0]["models"]["m"]["waiting"] == 3
     assert seen[0]["instances"] == {"aaaaaaaaaaaa": 2}
+
+
+@pytest.mark.parametrize("site", [{"max_inflight": "1", "settings": "hold_timeout = 2s\n"}], indirect=True)
+def test_a_request_that_finds_no_slot_within_the_hold_timeout_gets_503_model_busy(site: Site) -> None:
+    client = Client(site.platform)
+    error: list[Any] = []
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(client.stream("long", 0, {"stub_delay": 0.5}))  # 3.5 s
+        await client.until(lambda: "long" in client.heads)
+        try:
+            await client.stream("late", 0, LIGHT)
+        except BridgeError as exc:
+            error.append(exc)
+        await first
+
+    asyncio.run(scenario())
+    (exc,) = error
+    assert (exc.status, exc.code, exc.retry_after) == (503, "model_busy", 10)
+    assert [p.stage for p in client.progress["late"]] == ["busy"]  # after 1 s; then the bound (2 s)
+    assert [rid for rid, _ in site.started()] == ["long"]
 
 
 @pytest.fixture

@@ -67,6 +67,15 @@ PROJECT_NAME = {"type": "string", "minLength": 1, "maxLength": 100}
 
 COUNTS = {"model": STRING, "requests": INT, "errors": INT, "prompt_tokens": INT, "completion_tokens": INT}
 
+NUMBER = {"type": "number"}
+HOURS = {"node_hours": NUMBER, "gpu_hours": NUMBER, "cpu_hours": NUMBER}
+CHARGED = {"requests": INT, "prompt_tokens": INT, "completion_tokens": INT, **HOURS}
+NODE_TIME = {"instances": INT, "elapsed_hours": NUMBER, "busy_hours": NUMBER, "idle_hours": NUMBER, **HOURS,
+             **{f"idle_{k}": NUMBER for k in HOURS}}
+MONTH = [{"name": "month", "in": "query", "required": False,
+          "description": "A calendar month in the site's time zone, YYYY-MM (default: this month).",
+          "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$", "example": "2026-12"}}]
+
 SCHEMAS: dict[str, Any] = {
     # The gateway's own errors carry all four fields; an upstream's error in OpenAI's shape passes as it came.
     "Error": obj({"error": obj({"message": STRING, "type": STRING, "param": nullable(STRING),
@@ -131,6 +140,23 @@ SCHEMAS: dict[str, Any] = {
         "by_project": {"type": "array", "items": obj({"project": nullable(STRING), **COUNTS},
                                                      ["project", *COUNTS])}},
         ["by_user", "by_group", "by_project"]),
+    "Chargeback": obj({
+        "month": STRING, "start": DATETIME, "end": DATETIME,
+        "now": {**DATETIME, "description": "Running instances are counted until now."},
+        "time_zone": STRING,
+        "projects": {"type": "array", "items": obj({"project": STRING, **CHARGED}, ["project", *CHARGED]),
+                     "description": "Per project ('(no project)' for usage charged to none), no project last."},
+        "lines": {"type": "array", "items": obj({"project": STRING, "platform": STRING, "model": STRING, **CHARGED},
+                                                ["project", "platform", "model", *CHARGED]),
+                  "description": "Per project, platform and model (platform empty: an external provider)."},
+        "idle": {"type": "array", "items": obj({"platform": STRING, "model": STRING, **NODE_TIME},
+                                               ["platform", "model", *NODE_TIME]),
+                 "description": "Per platform and model: its instances' hours, busy and idle (charged to no project)."},
+        "totals": obj({**CHARGED, **NODE_TIME}, [*CHARGED, *NODE_TIME]),
+        "running_instances": INT,
+        "unmatched_requests": {**INT, "description": "Requests served by instances with no node-time row yet."}},
+        ["month", "start", "end", "now", "time_zone", "projects", "lines", "idle", "totals", "running_instances",
+         "unmatched_requests"]),
     "Platform": obj({"name": STRING, "up": {"type": "boolean"}, "connections": INT, "streams": INT,
                      "failures": INT, "last_error": STRING, "retry_in": {"type": "number"},
                      "last_pong": {"type": "object"},
@@ -251,6 +277,14 @@ def schema(base_url: str = "/") -> dict[str, Any]:
                                          "summary": "Everyone's requests per user, group and project, and model",
                                          "parameters": USAGE_FILTER,
                                          "responses": {**ok(ref("AdminUsage")), **errors("400", "401", "403", "429")}}},
+            "/api/admin/chargeback": {"get": {
+                "tags": ["admin"], "operationId": "admin_chargeback",
+                "summary": "A month's node hours charged back to projects, idle time apart",
+                "description": "Each instance's busy hours (the union of its requests' intervals) divided among "
+                               "projects by the tokens each had served by it; idle hours per platform and model. "
+                               "Hours rounded to 3 decimals (docs/accounting.md).",
+                "parameters": MONTH,
+                "responses": {**ok(ref("Chargeback")), **errors("400", "401", "403", "429")}}},
             "/api/admin/platforms": {"get": {"tags": ["admin"], "operationId": "admin_platforms",
                                              "summary": "Each platform: link, models, instances, demand",
                                              "responses": {**ok(obj({"data": {"type": "array",

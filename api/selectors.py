@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.db.models import Count, F, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
-from gateway import registry
+from gateway import chargeback, registry
 from gateway.budgets import budgets
 from gateway.caller import Caller
 from gateway.limits import NO_LIMITS, limiter
@@ -107,3 +108,62 @@ def platforms_state() -> list[dict[str, Any]]:
     instances, demand (requests running or waiting, which includes those queued in Slurm) and
     Slurm's start estimate for a cold one (seconds; None when unknown)."""
     return async_to_sync(_platforms)()
+
+
+# -- charge-back (staff) ---------------------------------------------------------------------------
+
+def _hours(prefix: str, hours: chargeback.Hours) -> dict[str, float]:
+    return {f"{prefix}node_hours": round(hours.node, 3), f"{prefix}gpu_hours": round(hours.gpu, 3),
+            f"{prefix}cpu_hours": round(hours.cpu, 3)}
+
+
+def _line(line: chargeback.Line) -> dict[str, Any]:
+    return {"requests": line.requests, "prompt_tokens": line.prompt_tokens,
+            "completion_tokens": line.completion_tokens, **_hours("", line.hours)}
+
+
+def _idle(idle: chargeback.Idle) -> dict[str, Any]:
+    return {"instances": idle.instances, "elapsed_hours": round(idle.elapsed_hours, 3),
+            "busy_hours": round(idle.busy_hours, 3), "idle_hours": round(idle.idle_hours, 3),
+            **_hours("", idle.total), **_hours("idle_", idle.idle)}
+
+
+def chargeback_month(month: str, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The month's charge-back (``YYYY-MM`` in TIME_ZONE; ValueError naming ``month`` if malformed):
+    per project, per project/platform/model, idle per platform/model, totals. Hours rounded to
+    3 decimals here, once, so the page, its CSV and /api/admin/chargeback show the same numbers."""
+    start, end = chargeback.month_bounds(*chargeback.parse_month(month))
+    rep = chargeback.report(start, end, now)
+    used, node = rep.totals()
+    return {"month": month.strip(), "start": start.isoformat(), "end": end.isoformat(), "now": rep.now.isoformat(),
+            "time_zone": settings.TIME_ZONE,
+            "projects": [{"project": p.project, **_line(p)} for p in rep.projects()],
+            "lines": [{"project": x.project, "platform": x.platform, "model": x.model, **_line(x)} for x in rep.lines],
+            "idle": [{"platform": i.platform, "model": i.model, **_idle(i)} for i in rep.idle],
+            "totals": {**_line(used), **_idle(node)},
+            "running_instances": rep.running, "unmatched_requests": rep.unmatched_requests}
+
+
+CSV_COLUMNS = ["month", "kind", "project", "platform", "model", "requests", "prompt_tokens", "completion_tokens",
+               "node_hours", "gpu_hours", "cpu_hours"]
+
+
+def chargeback_csv_rows(data: Mapping[str, Any]) -> list[list[Any]]:
+    """The report as CSV rows: each project's use of each model (kind ``usage``), then each model's
+    idle time (kind ``idle``), so that a column's sum is all the instances' hours."""
+    rows: list[list[Any]] = [CSV_COLUMNS]
+    for x in data["lines"]:
+        rows.append([data["month"], "usage", x["project"], x["platform"], x["model"], x["requests"],
+                     x["prompt_tokens"], x["completion_tokens"], x["node_hours"], x["gpu_hours"], x["cpu_hours"]])
+    for i in data["idle"]:
+        rows.append([data["month"], "idle", "", i["platform"], i["model"], "", "", "", i["idle_node_hours"],
+                     i["idle_gpu_hours"], i["idle_cpu_hours"]])
+    return rows
+
+
+def usage_month(user: Any, month: str) -> dict[str, Any]:
+    """The user's requests and tokens per day and model in a month (``YYYY-MM``, days in TIME_ZONE)."""
+    year, number = chargeback.parse_month(month)
+    days = chargeback.month_days(year, number)
+    rows = usage_of(user, days[0], days[-1])
+    return {"month": month.strip(), "days": days, "rows": rows}

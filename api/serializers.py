@@ -6,6 +6,7 @@ from typing import Any
 
 from rest_framework import serializers
 
+from gateway.chargeback import current_month, parse_month
 from gateway.models import ApiKey
 
 NAME_ERROR = "Give the key a name of 1 to 100 characters."
@@ -72,3 +73,20 @@ class UsageFilterInput(DateRangeInput):
 
     project = serializers.CharField(max_length=100, required=False, error_messages={
         k: PROJECT_ERROR for k in ("blank", "max_length", "invalid")})
+
+
+class MonthInput(serializers.Serializer):
+    """``?month=YYYY-MM`` (a calendar month in TIME_ZONE), this month when not given."""
+
+    month = serializers.CharField(required=False, max_length=7, error_messages={
+        k: "month: a month as YYYY-MM, e.g. 2026-12" for k in ("blank", "max_length", "invalid")})
+
+    def validate_month(self, value: str) -> str:
+        try:
+            parse_month(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        return {"month": attrs.get("month") or current_month()}

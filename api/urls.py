@@ -11,6 +11,7 @@ urlpatterns = [
     path("keys/<str:prefix>", views.KeyDetailApi.as_view(), name="api-key"),
     path("usage", views.UsageApi.as_view(), name="api-usage"),
     path("admin/usage", views.AdminUsageApi.as_view(), name="api-admin-usage"),
+    path("admin/chargeback", views.AdminChargebackApi.as_view(), name="api-admin-chargeback"),
     path("admin/platforms", views.AdminPlatformsApi.as_view(), name="api-admin-platforms"),
     path("schema", views.SchemaApi.as_view(), name="api-schema"),
     path("docs", views.docs, name="api-docs"),

@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 from api import selectors, services
 from api.errors import body
 from api.openapi import schema
-from api.serializers import KeyCreateInput, KeyOutput, ProjectChoiceInput, UsageFilterInput
+from api.serializers import KeyCreateInput, KeyOutput, MonthInput, ProjectChoiceInput, UsageFilterInput
 from gateway.caller import Caller
 from gateway.models import ApiKey
 
@@ -99,6 +99,17 @@ class AdminUsageApi(APIView):
         query.is_valid(raise_exception=True)
         return Response(selectors.usage_all(query.validated_data.get("from"), query.validated_data.get("to"),
                                             query.validated_data.get("project")))
+
+
+class AdminChargebackApi(APIView):
+    """A month's node hours charged back to projects (docs/accounting.md), as the staff page shows them."""
+
+    permission_classes = [permissions.IsAdminUser]
+
+    def get(self, request: Request) -> Response:
+        query = MonthInput(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        return Response(selectors.chargeback_month(query.validated_data["month"]))
 
 
 class AdminPlatformsApi(APIView):

@@ -5,7 +5,7 @@ from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from chatai import views
+from chatai import reports, views
 from gateway.metrics import metrics_view
 
 urlpatterns = [
@@ -13,7 +13,10 @@ urlpatterns = [
     path("keys/", views.keys, name="keys"),
     path("privacy/", views.privacy, name="privacy"),
     path("healthz", views.healthz, name="healthz"),
+    path("usage/", reports.usage, name="usage"),
     path("admin/platforms/", views.platforms, name="platforms"),
+    path("admin/chargeback/", reports.chargeback, name="chargeback"),
+    path("admin/chargeback/csv", reports.chargeback_csv, name="chargeback-csv"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("v1/", include("gateway.urls")),

@@ -15,6 +15,8 @@ a project is its own project: F = 2^(-U_user / S). The priority sent to the plat
 ``x-chatai-priority``, lower = earlier, like vLLM's ``priority``) is ``round(1000 * (1 - F))``, plus
 FAIRSHARE_CHAT_BOOST for API traffic, so the chat page's requests go ahead of API requests of
 the same standing. With FAIRSHARE off every request has priority 0 (first come, first served).
+A stream's tokens are added while it runs (every RECORD_EVERY seconds), not only when it ends: a
+user's 32 open streams of several minutes weigh on their next requests within seconds.
 
 Counters shared by all workers, without a lock: tokens added at time t are stored multiplied by
 2^((t - epoch) / half_life), so adding is one atomic integer increment and the decayed value now
@@ -47,6 +49,7 @@ log = logging.getLogger("gateway.fairshare")
 REBASE = 20  # half-lives per epoch: the stored scale stays below 2**20
 SCALE = 1000  # the fair-share part of a priority: 0 (no recent usage) .. 1000 (F near 0)
 TOTAL = "all"  # the whole service's usage
+RECORD_EVERY = 2.0  # seconds between additions of a running stream's tokens so far (gateway/views.py)
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ def total_shares() -> int:
 
 class FairShare:
     """Priorities for requests (``priority``, on the hot path: one cache read) and their usage
-    (``record``, when a request ends)."""
+    (``record``: a running stream's tokens so far every RECORD_EVERY seconds, the rest when it ends)."""
 
     def __init__(self, cache: Any, clock: Callable[[], float] = time.time) -> None:
         self.counters = Decayed(cache, lambda: settings.FAIRSHARE_HALF_LIFE, clock)

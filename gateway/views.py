@@ -27,7 +27,7 @@ from gateway import external, metrics, registry, sse
 from gateway.budgets import Admission, budgets
 from gateway.caller import Caller, caller_of
 from gateway.errors import ApiError, upstream_error
-from gateway.fairshare import fairshare
+from gateway.fairshare import RECORD_EVERY, fairshare
 from gateway.limits import Bucket, limiter
 from gateway.usage import writer
 from hpcbridge import failover
@@ -93,6 +93,8 @@ class Accounting:
         self.done = False
         self.budget = Admission()  # the budgets it counts against, and the prompt it holds in them
         self.priority = 0  # its fair-share priority (lower = earlier), sent to the platform
+        self.fair_recorded = 0  # tokens already added to the fair-share usage while it streamed
+        self.fair_due = self.started + RECORD_EVERY
 
     def served_by(self, head: Head) -> None:
         if not self.instance:
@@ -122,8 +124,23 @@ class Accounting:
             "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": now,
             "project_id": self.project.id if self.project is not None else None,
             "platform": self.platform[:100], "instance": self.instance[:100]})
-        await fairshare.record(self.user.pk, self.project.id if self.project is not None else None,
-                               prompt + completion)
+        await self._fair_usage(prompt + completion)
+
+    def fair_share_due(self) -> bool:
+        """Whether a running stream's tokens so far are due in the fair-share usage (every RECORD_EVERY s)."""
+        return time.monotonic() >= self.fair_due
+
+    async def streamed_so_far(self) -> None:
+        """Add a running stream's tokens so far (the prompt's estimate and the chunks) to the fair-share
+        usage, so a user's long streams weigh on their next requests' priority before they end."""
+        self.fair_due = time.monotonic() + RECORD_EVERY
+        await self._fair_usage(sum(sse.charged_tokens(self.tally, True, self.prompt_estimate)))
+
+    async def _fair_usage(self, total: int) -> None:
+        if total > self.fair_recorded:
+            project = self.project.id if self.project is not None else None
+            await fairshare.record(self.user.pk, project, total - self.fair_recorded)
+            self.fair_recorded = total
 
 
 async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
@@ -266,6 +283,8 @@ async def relay(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_
                 out = events_out.feed(event)
                 if out:
                     yield out
+                if acct.fair_share_due():
+                    await acct.streamed_so_far()
             elif isinstance(event, Progress):
                 metrics.observe_progress(acct.model, event.stage, event.elapsed)
                 yield sse.progress_comment(event.stage, event.message, event.elapsed, acct.user.is_staff)

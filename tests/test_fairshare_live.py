@@ -6,7 +6,9 @@ a client cannot choose its own priority."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +28,7 @@ def app() -> Iterator[LiveApp]:
     redis.Redis.from_url(REDIS_URL).flushdb()  # no usage left from an earlier run
     live = LiveApp(redis_url=REDIS_URL, workers=2, extra_env={"FAIRSHARE_CHAT_BOOST": "100"}).start()
     try:
-        for name in ("heavy", "light"):
+        for name in ("heavy", "light", "streamer", "fresh"):
             live.create_user(name)
         yield live
     finally:
@@ -75,3 +77,25 @@ def test_a_client_cannot_choose_its_own_priority(app: LiveApp) -> None:
                             {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     assert_openai_error(status, answer, 400)
     assert answer["error"]["param"] == "priority"
+
+
+def test_a_long_running_stream_weighs_on_the_next_priority_before_it_ends(app: LiveApp) -> None:
+    streamer, fresh = app.create_key("streamer"), app.create_key("fresh")
+    host, port = app.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": "stub-model", "messages": ASK, "stream": True, "stub_delay": 0.1, "stub_repeat": 50}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Authorization": f"Bearer {streamer}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 5:  # 5 s of a 35 s stream: about 50 tokens so far
+            assert resp.readline()
+        during = ask(app.url, streamer)[1]["x-request-id"]
+        other = ask(app.url, fresh)[1]["x-request-id"]
+    finally:
+        conn.close()  # the client leaves: the rest is charged as an estimate
+    seen = priorities_seen(app)
+    assert seen[other] == 100  # no usage: fair share 1, API traffic
+    assert seen[during] > 100  # the running stream's tokens already count

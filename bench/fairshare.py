@@ -4,10 +4,10 @@
 A heavy user keeps ``--heavy`` streams open (each a long reply; a new one starts as soon as one
 ends) and a light user starts one short chat every 2 s; both use API keys (so the chat page's
 boost plays no part: what is measured is fair share alone). Measured over ``--seconds`` after
-``--warmup`` seconds (the heavy user's usage is recorded when its first replies end; before that
-both users stand equal): the light user's time to its first token (median, p90) and the heavy
-user's throughput (content tokens received per second). Also the light user alone (idle), the
-baseline.
+``--warmup`` seconds (the heavy user's usage is recorded when its first replies end; the backlog it
+sent before that keeps the priority of an unused account, as the light user's): the light user's
+time to its first token (median, p90) and the heavy user's throughput (content tokens received per
+second). Also the light user alone (idle), the baseline.
 
 Two arms per backend, each its own gateway (daphne with Redis) in front of hpcside (local
 launcher; the transport plays no part in the order) and one instance:
@@ -17,16 +17,22 @@ The platform's admission cap (max_inflight per instance) is the same in both arm
 
 Backends:
   stub   the stand-in vLLM (tests/support/stub_vllm.py) with --max-num-seqs SEATS: at most SEATS
-         requests generate at once, each at 1/stub_delay tokens/s (50 by default), the rest wait
-         (in priority order under ``priority``), like a real instance's batch; capacity is
-         SEATS x 50 tokens/s, so 32 heavy streams queue. max_inflight = SEATS.
-  vllm   vLLM for CPU serving SmolLM2-135M-Instruct (scripts/lib.sh prepares both; the heavy
-         replies are 128 tokens with ignore_eos, the light ones 8), max_inflight --vllm-inflight.
+         requests generate at once, each at 1/stub_delay tokens/s (50), the rest wait (in priority
+         order under ``priority``), like a real instance's batch slots; max_inflight
+         --stub-inflight. Heavy replies are 105 to 315 tokens (2 to 6 s), light ones 7. The
+         router admits at most max_inflight requests of the same or a better priority, and
+         2 x max_inflight in all (hpcside/admission.py): with SEATS = 2 x max_inflight (16 and 8,
+         the defaults) the instance has room for a better-priority request beside a full heavy
+         backlog; with SEATS = max_inflight it has none, and a light request waits for a heavy
+         one to end even with fair share.
+  vllm   vLLM for CPU serving SmolLM2-135M-Instruct (scripts/lib.sh prepares both; heavy replies
+         96 to 160 tokens with ignore_eos, light ones 8), max_inflight --vllm-inflight. Its batch
+         shares the 2 cores: more streams, slower each.
 
     flock /tmp/chatai-tests.lock .venv/bin/python bench/fairshare.py [--seconds 40] [--warmup 20]
-        [--heavy 32] [--backends stub,vllm] [--seats 8] [--vllm-inflight 16]
+        [--heavy 32] [--backends stub,vllm] [--stub-inflight 8] [--seats 16] [--vllm-inflight 16]
 
-Writes bench/results/fairshare.json (with the command that made it).
+Writes bench/results/fairshare.json, or --out (with the command that made it).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import datetime
 import json
 import os
 import platform as pyplatform
+import random
 import statistics
 import sys
 import tempfile
@@ -77,17 +84,24 @@ class Backend:
     light_body: dict[str, Any]
     hpcside: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = 60.0
+    vary: tuple[str, int, int] = ("", 0, 0)  # a heavy body field drawn per request from [low, high]
+
+    def heavy(self, rng: random.Random) -> dict[str, Any]:
+        """One heavy request's body; lengths vary so the streams do not end in lockstep."""
+        name, low, high = self.vary
+        return {"model": self.model, **self.heavy_body, **({name: rng.randint(low, high)} if name else {})}
 
 
-def stub_backend(workdir: Path, seats: int) -> Backend:
+def stub_backend(workdir: Path, inflight: int, seats: int) -> Backend:
     template = workdir / "bench-stub.sh"
     template.write_text(STUB_TEMPLATE)
     section = stub_service("bench", "stub-model", template=template, min_instances="1", max_instances="1",
-                           max_inflight=str(seats), vllm_args=f"--max-num-seqs {seats}", idle_timeout="1h")
+                           max_inflight=str(inflight), vllm_args=f"--max-num-seqs {seats}", idle_timeout="1h")
     ask = [{"role": "user", "content": "hello"}]
     return Backend("stub", "stub-model", section,
-                   {"messages": ask, "stub_delay": 0.02, "stub_repeat": 30},  # 210 tokens at 50/s: 4.2 s
-                   {"messages": ask, "stub_delay": 0.02})  # 7 tokens
+                   {"messages": ask, "stub_delay": 0.02},  # 105 to 315 tokens at 50/s: 2 to 6 s
+                   {"messages": ask, "stub_delay": 0.02},  # 7 tokens
+                   vary=("stub_repeat", 15, 45))
 
 
 def vllm_backend(inflight: int) -> Backend | None:
@@ -103,11 +117,11 @@ def vllm_backend(inflight: int) -> Backend | None:
         "walltime = 1h", "renewal_margin = 5m", "readiness_timeout = 5m", "idle_timeout = 1h"]) + "\n"
     return Backend("vllm", REAL, section,
                    {"messages": [{"role": "user", "content": "Tell me a long story about Paris."}],
-                    "max_tokens": 128, "ignore_eos": True, "temperature": 0},
+                    "ignore_eos": True, "temperature": 0},
                    {"messages": [{"role": "user", "content": "What is the capital of France?"}],
                     "max_tokens": 8, "temperature": 0},
                    hpcside={"python": str(python), "hold_timeout": "5m", "probe_timeout": "2s"},
-                   ready_timeout=300.0)
+                   ready_timeout=300.0, vary=("max_tokens", 96, 160))
 
 
 async def stream(session: aiohttp.ClientSession, url: str, key: str, body: dict[str, Any],
@@ -177,10 +191,12 @@ async def run_arm(url: str, heavy_key: str, light_key: str, backend: Backend, he
             if window["open"]:
                 counted["tokens"] += 1
 
+        rng = random.Random(14)  # the same lengths in every arm
+
         async def heavy_worker() -> None:
             while not stop.is_set():
                 try:
-                    await stream(session, url, heavy_key, {"model": backend.model, **backend.heavy_body}, token)
+                    await stream(session, url, heavy_key, backend.heavy(rng), token)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001
@@ -252,6 +268,13 @@ def arm(backend: Backend, policy: str, args: argparse.Namespace, with_idle: bool
             step(f"{backend.name}: the light user alone for {args.idle_seconds:.0f} s (idle baseline)")
             out["idle"] = asyncio.run(run_arm(app.url, heavy_key, light_key, backend, 0, 0, args.idle_seconds))
             print(json.dumps(out["idle"]), flush=True)
+            step(f"{backend.name}: the light user alone, straight to the instance (no gateway, no hpcside)")
+            routing = json.loads((app.dir / "hpcside" / "routing.json").read_text())
+            (inst,) = routing["models"][backend.model]
+            out["idle_direct"] = asyncio.run(run_arm(inst["url"], inst["token"], inst["token"], backend, 0, 0,
+                                                     args.idle_seconds / 2))
+            print(json.dumps(out["idle_direct"]), flush=True)
+            redis.Redis.from_url(REDIS_URL).flushdb()  # both arms' loaded runs start with no usage on record
         step(f"{backend.name}/{policy}: {args.heavy} heavy streams + a light chat every 2 s "
              f"({args.warmup:.0f} s warm-up, {args.seconds:.0f} s measured)")
         out["loaded"] = asyncio.run(run_arm(app.url, heavy_key, light_key, backend, args.heavy, args.warmup,
@@ -269,8 +292,10 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=20)
     parser.add_argument("--heavy", type=int, default=32)
     parser.add_argument("--backends", default="stub,vllm")
-    parser.add_argument("--seats", type=int, default=8)
+    parser.add_argument("--stub-inflight", type=int, default=8)
+    parser.add_argument("--seats", type=int, default=16)
     parser.add_argument("--vllm-inflight", type=int, default=16)
+    parser.add_argument("--out", default="bench/results/fairshare.json")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-fairshare-"))
     workdir.chmod(0o755)
@@ -279,14 +304,17 @@ def main() -> None:
         "machine": f"{pyplatform.machine()}, {os.cpu_count()} cores, {pyplatform.platform()}",
         "heavy_streams": args.heavy, "warmup_s": args.warmup, "seconds": args.seconds, "backends": {}}
     for name in args.backends.split(","):
-        backend = stub_backend(workdir, args.seats) if name == "stub" else vllm_backend(args.vllm_inflight)
+        backend = (stub_backend(workdir, args.stub_inflight, args.seats) if name == "stub"
+                   else vllm_backend(args.vllm_inflight))
         if backend is None:
             continue
         fcfs = arm(backend, "fcfs", args, with_idle=False)
         fair = arm(backend, "fairshare", args, with_idle=True)
         idle = fair["idle"]["light_ttft"].get("p50_ms")
-        res: dict[str, Any] = {"max_inflight": args.seats if name == "stub" else args.vllm_inflight,
-                               "idle": fair["idle"], "fcfs": fcfs["loaded"], "fairshare": fair["loaded"]}
+        res: dict[str, Any] = {"max_inflight": args.stub_inflight if name == "stub" else args.vllm_inflight,
+                               **({"seats": args.seats} if name == "stub" else {}),
+                               "idle": fair["idle"], "idle_direct": fair["idle_direct"], "fcfs": fcfs["loaded"],
+                               "fairshare": fair["loaded"]}
         for policy in ("fcfs", "fairshare"):
             p50 = res[policy]["light_ttft"].get("p50_ms")
             res[policy]["light_p50_vs_idle"] = round(p50 / idle, 1) if p50 and idle else None
@@ -295,7 +323,7 @@ def main() -> None:
                 100 * (res["fairshare"]["heavy_tokens_per_s"] / res["fcfs"]["heavy_tokens_per_s"] - 1), 1)
         report["backends"][name] = res
         step(f"{name}: " + json.dumps(res))
-    out = ROOT / "bench" / "results" / "fairshare.json"
+    out = ROOT / args.out
     out.write_text(json.dumps(report, indent=2) + "\n")
     step(f"wrote {out.relative_to(ROOT)}")
 

@@ -74,7 +74,8 @@ NODE_TIME = {"instances": INT, "elapsed_hours": NUMBER, "busy_hours": NUMBER, "i
              **{f"idle_{k}": NUMBER for k in HOURS}}
 MONTH = [{"name": "month", "in": "query", "required": False,
           "description": "A calendar month in the site's time zone, YYYY-MM (default: this month).",
-          "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$", "example": "2026-12"}}]
+          "schema": {"type": "string", "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$",
+                     "example": "2026-12"}}]
 
 SCHEMAS: dict[str, Any] = {
     # The gateway's own errors carry all four fields; an upstream's error in OpenAI's shape passes as it came.
@@ -152,7 +153,7 @@ SCHEMAS: dict[str, Any] = {
         "idle": {"type": "array", "items": obj({"platform": STRING, "model": STRING, **NODE_TIME},
                                                ["platform", "model", *NODE_TIME]),
                  "description": "Per platform and model: its instances' hours, busy and idle (charged to no project)."},
-        "totals": obj({**CHARGED, **NODE_TIME}, [*CHARGED, *NODE_TIME]),
+        "totals": obj({**CHARGED, **NODE_TIME}, list({**CHARGED, **NODE_TIME})),
         "running_instances": INT,
         "unmatched_requests": {**INT, "description": "Requests served by instances with no node-time row yet."}},
         ["month", "start", "end", "now", "time_zone", "projects", "lines", "idle", "totals", "running_instances",

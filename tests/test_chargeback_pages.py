@@ -138,6 +138,11 @@ def test_the_page_the_csv_and_the_api_show_the_same_numbers(month: str) -> None:
     assert [p["project"] for p in api["projects"]] == [HOSTILE, "alpha", "(no project)"]
     documented = client.get("/api/schema").json()["paths"]["/api/admin/chargeback"]["get"]
     assert documented["operationId"] == "admin_chargeback"
+    shape = client.get("/api/schema").json()["components"]["schemas"]["Chargeback"]
+    for part in (shape, shape["properties"]["totals"], shape["properties"]["idle"]["items"]):
+        assert len(part["required"]) == len(set(part["required"])) and set(part["required"]) <= set(part["properties"])
+    assert set(api) == set(shape["properties"])
+    assert set(api["totals"]) == set(shape["properties"]["totals"]["properties"])
 
 
 def test_the_chart_is_well_formed_svg_and_a_hostile_project_name_is_only_text(month: str) -> None:

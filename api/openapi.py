@@ -144,7 +144,7 @@ SCHEMAS: dict[str, Any] = {
     "Chargeback": obj({
         "month": STRING, "start": DATETIME, "end": DATETIME,
         "now": {**DATETIME, "description": "Running instances are counted until now."},
-        "time_zone": STRING,
+        "time_zone": STRING, "project": nullable({**STRING, "description": "The project asked for, if any."}),
         "projects": {"type": "array", "items": obj({"project": STRING, **CHARGED}, ["project", *CHARGED]),
                      "description": "Per project ('(no project)' for usage charged to none), no project last."},
         "lines": {"type": "array", "items": obj({"project": STRING, "platform": STRING, "model": STRING, **CHARGED},
@@ -156,8 +156,8 @@ SCHEMAS: dict[str, Any] = {
         "totals": obj({**CHARGED, **NODE_TIME}, list({**CHARGED, **NODE_TIME})),
         "running_instances": INT,
         "unmatched_requests": {**INT, "description": "Requests served by instances with no node-time row yet."}},
-        ["month", "start", "end", "now", "time_zone", "projects", "lines", "idle", "totals", "running_instances",
-         "unmatched_requests"]),
+        ["month", "start", "end", "now", "time_zone", "project", "projects", "lines", "idle", "totals",
+         "running_instances", "unmatched_requests"]),
     "Platform": obj({"name": STRING, "up": {"type": "boolean"}, "connections": INT, "streams": INT,
                      "failures": INT, "last_error": STRING, "retry_in": {"type": "number"},
                      "last_pong": {"type": "object"},
@@ -284,7 +284,10 @@ def schema(base_url: str = "/") -> dict[str, Any]:
                 "description": "Each instance's busy hours (the union of its requests' intervals) divided among "
                                "projects by the tokens each had served by it; idle hours per platform and model. "
                                "Hours rounded to 3 decimals (docs/accounting.md).",
-                "parameters": MONTH,
+                "parameters": [*MONTH, {"name": "project", "in": "query", "required": False, "schema": PROJECT_NAME,
+                                        "description": "Only this project's rows in projects and lines ('(no "
+                                                       "project)' for usage charged to none); idle and totals "
+                                                       "stay whole."}],
                 "responses": {**ok(ref("Chargeback")), **errors("400", "401", "403", "429")}}},
             "/api/admin/platforms": {"get": {"tags": ["admin"], "operationId": "admin_platforms",
                                              "summary": "Each platform: link, models, instances, demand",

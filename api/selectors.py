@@ -136,12 +136,21 @@ def chargeback_month(month: str, now: dt.datetime | None = None) -> dict[str, An
     rep = chargeback.report(start, end, now)
     used, node = rep.totals()
     return {"month": month.strip(), "start": start.isoformat(), "end": end.isoformat(), "now": rep.now.isoformat(),
-            "time_zone": settings.TIME_ZONE,
+            "time_zone": settings.TIME_ZONE, "project": None,
             "projects": [{"project": p.project, **_line(p)} for p in rep.projects()],
             "lines": [{"project": x.project, "platform": x.platform, "model": x.model, **_line(x)} for x in rep.lines],
             "idle": [{"platform": i.platform, "model": i.model, **_idle(i)} for i in rep.idle],
             "totals": {**_line(used), **_idle(node)},
             "running_instances": rep.running, "unmatched_requests": rep.unmatched_requests}
+
+
+def chargeback_only(data: Mapping[str, Any], project: str | None) -> dict[str, Any]:
+    """The report with only one project's rows in ``projects`` and ``lines`` (None: all). Idle time
+    and ``totals`` stay the instances' whole, which one project's rows are part of."""
+    if project is None:
+        return dict(data)
+    return {**data, "project": project, "projects": [p for p in data["projects"] if p["project"] == project],
+            "lines": [x for x in data["lines"] if x["project"] == project]}
 
 
 CSV_COLUMNS = ["month", "kind", "project", "platform", "model", "requests", "prompt_tokens", "completion_tokens",

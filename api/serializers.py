@@ -88,5 +88,8 @@ class MonthInput(serializers.Serializer):
             raise serializers.ValidationError(str(exc)) from None
         return value
 
+    project = serializers.CharField(max_length=100, required=False, error_messages={
+        k: PROJECT_ERROR for k in ("blank", "max_length", "invalid")})
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        return {"month": attrs.get("month") or current_month()}
+        return {"month": attrs.get("month") or current_month(), "project": attrs.get("project")}

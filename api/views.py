@@ -109,7 +109,8 @@ class AdminChargebackApi(APIView):
     def get(self, request: Request) -> Response:
         query = MonthInput(data=request.query_params)
         query.is_valid(raise_exception=True)
-        return Response(selectors.chargeback_month(query.validated_data["month"]))
+        return Response(selectors.chargeback_only(selectors.chargeback_month(query.validated_data["month"]),
+                                                  query.validated_data["project"]))
 
 
 class AdminPlatformsApi(APIView):

@@ -27,6 +27,10 @@ def _month(request: HttpRequest) -> str:
     return request.GET.get("month", "").strip() or current_month()
 
 
+def _project(request: HttpRequest) -> str | None:
+    return request.GET.get("project", "").strip()[:100] or None
+
+
 def _month_error(request: HttpRequest, template: str, month: str, error: str) -> HttpResponse:
     return render(request, template, {"month": month[:20], "error": error}, status=400)
 
@@ -61,7 +65,10 @@ def chargeback(request: HttpRequest) -> HttpResponse:
         data = selectors.chargeback_month(month)
     except ValueError as exc:
         return _month_error(request, "chargeback.html", month, str(exc))
-    return render(request, "chargeback.html", {"month": data["month"], "data": data, "chart": chargeback_chart(data)})
+    names = [p["project"] for p in data["projects"]]
+    data = selectors.chargeback_only(data, _project(request))
+    return render(request, "chargeback.html", {"month": data["month"], "data": data, "chart": chargeback_chart(data),
+                                               "names": names})
 
 
 @staff_member_required
@@ -73,6 +80,7 @@ def chargeback_csv(request: HttpRequest) -> HttpResponse:
         data = selectors.chargeback_month(month)
     except ValueError as exc:
         return HttpResponse(str(exc), status=400, content_type="text/plain; charset=utf-8")
+    data = selectors.chargeback_only(data, _project(request))
     response = HttpResponse(content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="chargeback-{data["month"]}.csv"'
     writer = csv.writer(response)

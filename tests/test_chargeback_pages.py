@@ -206,3 +206,21 @@ def test_the_usage_page_shows_my_tokens_per_day_and_model_and_nobody_elses(month
     assert "secret-model" in other.get(f"/usage/?month={month}").content.decode()
     assert user_client().get("/usage/?month=nope").status_code == 400
     assert Client().get("/usage/").status_code == 302  # signed in only
+
+
+def test_one_projects_rows_on_the_page_in_the_csv_and_the_api(month: str) -> None:
+    client = staff_client()
+    page = client.get("/admin/chargeback/", {"month": month, "project": HOSTILE})
+    tables = Tables(page.content.decode())
+    assert [r[0] for r in tables.tables["lines-table"]] == [HOSTILE]
+    assert [r[0] for r in tables.tables["projects-table"]] == [HOSTILE]
+    assert len(tables.tables["idle-table"]) == 2  # the instances' idle time stays whole
+    assert "&amp;project=%3Cscript%3E" in page.content.decode()  # the CSV and JSON links keep the choice
+    rows = list(csv.reader(io.StringIO(client.get("/admin/chargeback/csv", {"month": month,
+                                                                           "project": "alpha"}).content.decode())))
+    assert [(r[1], r[2]) for r in rows[1:]] == [("usage", "alpha"), ("idle", ""), ("idle", "")]
+    api = client.get("/api/admin/chargeback", {"month": month, "project": "(no project)"}).json()
+    assert api["project"] == "(no project)" and [x["cpu_hours"] for x in api["lines"]] == [2.0]
+    assert api["totals"]["gpu_hours"] == 8.0  # the whole, as without the filter
+    everyone = client.get("/api/admin/chargeback", {"month": month, "project": ""}).json()  # empty: as not given
+    assert everyone["project"] is None and len(everyone["lines"]) == 3

@@ -213,7 +213,9 @@ function complete(conv) {
       return resp.json().catch(function () { return null; }).then(function (err) {
         reply.error = (err && err.error && err.error.message) || ("The request failed (HTTP " + resp.status + ").");
         if (resp.status === 401) reply.error = "Your sign-in has ended: reload the page to sign in again.";
-        if (resp.status === 429) reply.error += " Try again in " + (resp.headers.get("Retry-After") || "a few") + " s.";
+        var spent = err && err.error && err.error.code === "insufficient_quota";  // waiting seconds will not help
+        if (resp.status === 429 && spent) reply.error = "Not sent: " + reply.error;
+        else if (resp.status === 429) reply.error += " Try again in " + (resp.headers.get("Retry-After") || "a few") + " s.";
       });
     }
     return readEvents(resp.body, { comment: onProgress, data: onData });

@@ -135,10 +135,17 @@ def test_staff_see_the_charge_back_with_a_chart_and_download_the_same_numbers(st
     assert [[r[2], r[3], r[4], r[5], r[6], r[7], r[9], r[10], r[8]] for r in usage] == lines
     [idle_row] = [r for r in rows if r[1] == "idle"]
     assert [idle_row[8], idle_row[9], idle_row[10]] == [idle[8], idle[6], idle[7]]
+    # One project's rows, through the select.
+    page.select_option("#project", "alpha")
+    page.click("#month-form button[type=submit]")
+    wait_js(page, "location.search.includes('project=alpha')")
+    assert [r[0] for r in cells(page, "lines-table")] == ["alpha"]
+    assert "project=alpha" in (page.get_attribute("#csv-link", "href") or "")
     # A month without anything, through the picker.
+    page.select_option("#project", "")
     page.fill("#month", "2020-01")
     page.click("#month-form button[type=submit]")
-    wait_js(page, "location.search === '?month=2020-01'")
+    wait_js(page, "location.search === '?month=2020-01&project='")
     assert cells(page, "projects-table") == [["No usage this month."]]
     assert errors == []
     context.close()

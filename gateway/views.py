@@ -11,6 +11,7 @@ Request and response bodies live only in memory: they are never logged, cached o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -114,6 +115,11 @@ class Accounting:
             metrics.TOKENS.labels(self.model, "prompt").inc(prompt)
         if completion:
             metrics.TOKENS.labels(self.model, "completion").inc(completion)
+        # A client that leaves cancels the task running this, and cleanup that awaits can be cancelled
+        # again half-way (its tokens in the budget but no usage row): the rest runs shielded.
+        await asyncio.shield(asyncio.ensure_future(self._charge(status, prompt, completion)))
+
+    async def _charge(self, status: int, prompt: int, completion: int) -> None:
         await limiter.release_all(self.slots, prompt + completion, self.lease)
         now = timezone.now()
         await budgets.settle(self.budget, prompt + completion, now)  # before its row is queued

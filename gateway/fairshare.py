@@ -49,6 +49,7 @@ log = logging.getLogger("gateway.fairshare")
 REBASE = 20  # half-lives per epoch: the stored scale stays below 2**20
 SCALE = 1000  # the fair-share part of a priority: 0 (no recent usage) .. 1000 (F near 0)
 TOTAL = "all"  # the whole service's usage
+MIN_FACTOR = 1e-12  # F never reaches 0 (2^-40: far beyond any priority's resolution)
 RECORD_EVERY = 2.0  # seconds between additions of a running stream's tokens so far (gateway/views.py)
 
 
@@ -65,12 +66,15 @@ class Standing:
 
 
 def fair_share_factor(user_usage: float, project_usage: float | None, total_usage: float, share: float) -> float:
-    """F in (0, 1]; ``project_usage`` None: the user has no project (its own project)."""
-    if total_usage <= 0 or share <= 0:
+    """F in (0, 1]; ``project_usage`` None: the user has no project (its own project). A project of
+    0 shares (as in Slurm) stands behind everyone once the service has any usage."""
+    if total_usage <= 0:
         return 1.0
+    if share <= 0:
+        return MIN_FACTOR
     u_user = min(1.0, user_usage / total_usage)
     u_project = u_user if project_usage is None else min(1.0, project_usage / total_usage)
-    return max(2.0 ** (-(u_project + u_user) / (2 * share)), 1e-12)
+    return max(2.0 ** (-(u_project + u_user) / (2 * share)), MIN_FACTOR)
 
 
 def priority_of(factor: float, chat: bool, chat_boost: int) -> int:

@@ -68,6 +68,11 @@ def test_no_usage_anywhere_is_a_factor_of_one() -> None:
     assert fair_share_factor(0, 0, 1000, 0.5) == 1.0
 
 
+def test_a_project_of_no_shares_stands_behind_everyone() -> None:
+    assert fair_share_factor(0, 0, 1000, 0.0) < fair_share_factor(1000, 1000, 1000, 0.1)
+    assert priority_of(fair_share_factor(0, 0, 1000, 0.0), chat=True, chat_boost=100) == 1000
+
+
 def test_a_user_without_a_project_follows_slurms_formula() -> None:
     # F = 2^(-U/S): all the usage with the whole share halves it; a quarter of it with half the share too.
     assert fair_share_factor(1000, None, 1000, 1.0) == pytest.approx(0.5)

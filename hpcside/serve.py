@@ -637,6 +637,7 @@ class Session:
                                       "retry later", retry_after=10)
                 if cold:
                     was_cold = True
+                    waited_from = now  # a wait for a slot, if one follows, starts when the model is up
                     if not held:
                         held = self.admit_held(sid)
                     stage = self.stage_of(svc)

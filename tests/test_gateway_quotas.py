@@ -19,7 +19,7 @@ from tests.live import LiveApp, stub_service
 from tests.test_gateway_faults import PROVIDER_KEY, Provider
 from tests.test_gateway_openai import ASK, assert_openai_error, raw
 
-STAGES = {"requested", "queued", "starting", "waiting", "backoff", "ready"}
+STAGES = {"requested", "queued", "starting", "waiting", "backoff", "ready", "busy"}
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +183,15 @@ def test_cold_start_details_are_for_staff_and_others_see_the_stage(app: LiveApp)
 
 
 def test_a_usage_row_carries_the_keys_project_and_the_instance_that_served_it(app: LiveApp) -> None:
-    key = app.create_key("erin")
+    app.create_user("ivy")  # a user no earlier test has limited
+    key = app.create_key("ivy")
     app.shell("from gateway.models import ApiKey, Project\n"
               "p = Project.objects.create(name='climate', slurm_account='clim01')\n"
-              "ApiKey.objects.filter(user__username='erin').update(project=p)\n")
+              "ApiKey.objects.filter(user__username='ivy').update(project=p)\n")
     assert chat(app, key) == 200
     out = app.shell("import json, time\nfrom gateway.models import UsageRecord\n"
                     "for _ in range(100):\n"
-                    "    rows = list(UsageRecord.objects.filter(user__username='erin', status=200)"
+                    "    rows = list(UsageRecord.objects.filter(user__username='ivy', status=200)"
                     ".values('project__name', 'platform', 'instance'))\n"
                     "    if rows: break\n"
                     "    time.sleep(0.1)\n"

@@ -25,7 +25,7 @@ from gateway.errors import ApiError
 from gateway.keys import api_key_authenticate, api_key_touch
 from gateway.limits import Limits, group_ids_of, key_limits_for, limiter, user_limits_for
 from gateway.models import ApiKey
-from gateway.projects import SESSION_KEY, ProjectRef, project_for_key, project_for_session
+from gateway.projects import SESSION_KEY, ProjectRef, project_for_key, project_for_session, projects_of
 from gateway.threads import in_thread
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -55,7 +55,15 @@ class Caller:
 
 def _complete(user: Any, key: ApiKey | None, chosen_project: Any = None) -> Caller:
     groups = group_ids_of(user)
-    project = project_for_key(key) if key is not None else project_for_session(user, groups, chosen_project)
+    if key is not None:
+        project = project_for_key(key)
+        if project is not None and all(p.id != project.id for p in projects_of(user, groups)):
+            # The user left the key's project (group claim or admin): its budget, fair share and
+            # charge-back are no longer theirs to spend. The key stops; a new one names a project of theirs.
+            raise ApiError(403, f"This API key belongs to project {project.name!r}, of which you are no longer "
+                                "a member. Create a new key.", code="key_project_left")
+    else:
+        project = project_for_session(user, groups, chosen_project)
     return Caller(user, key, groups, user_limits_for(user, groups), key_limits_for(key), project)
 
 

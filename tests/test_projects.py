@@ -23,7 +23,8 @@ from django.test import Client
 
 from chatai.oidc import Backend
 from gateway import keys, projects
-from gateway.caller import caller_by_user
+from gateway.caller import caller_by_key, caller_by_user
+from gateway.errors import ApiError
 from gateway.limits import group_ids_of
 from gateway.models import ApiKey, Project, UsageRecord
 from gateway.project_sync import ProjectSpec, parse_projects, sync_projects
@@ -177,6 +178,23 @@ def test_a_key_creates_keys_only_in_its_own_project() -> None:
     assert status == 201 and body["project"] == "beta"
     status, body = api(Client(), "POST", "/api/keys", {"name": "child", "project": "alpha"}, key=secret)
     assert status == 403 and body["error"]["param"] == "project" and body["error"]["code"] == "key_wider_than_caller"
+
+
+def test_a_key_stops_when_its_user_leaves_its_project() -> None:
+    ann, alpha, beta = two_projects()
+    _, secret = keys.api_key_create(user=ann, name="k", project_id=beta.pk)
+    assert caller_by_key(secret, "192.0.2.1").project is not None
+    ann.groups.remove(Group.objects.get(name="b"))  # the claim no longer names group b
+    projects.forget()
+    with pytest.raises(ApiError) as refused:
+        caller_by_key(secret, "192.0.2.1")
+    assert refused.value.status == 403 and refused.value.code == "key_project_left"
+    assert "project 'beta'" in refused.value.message
+    status, body = api(Client(), "GET", "/api/me", key=secret)
+    assert status == 401 and "no longer a member" in body["error"]["message"], body
+    beta.members.add(ann)  # added back by hand: the key works again
+    projects.forget()
+    assert caller_by_key(secret, "192.0.2.1").project.name == "beta"  # type: ignore[union-attr]
 
 
 def test_manage_py_apikey_takes_a_project_of_the_users() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from gateway.usage import writer
 from hpcbridge import failover
 from hpcbridge.registry import get_bridge
 
+UTF8_OBJECT = re.compile(rb"[ \t\r\n]*\{")  # a body hpcside can put the priority into as it is
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 
 
@@ -214,6 +216,8 @@ def open_events(entry: registry.ModelEntry, kind: str, data: dict[str, Any], raw
             data, raw = {**data, "model": entry.provider.model}, b""
         return external.stream(entry.provider, ENDPOINTS[kind], raw or json.dumps(data).encode(), request_id)
     headers = {"content-type": "application/json", "x-request-id": request_id, "x-chatai-priority": str(priority)}
+    if raw and not UTF8_OBJECT.match(raw):
+        raw = b""  # a BOM or UTF-16/32 (json.loads took it): sent as plain UTF-8 JSON, which hpcside edits
     # Over the best platform offering the model; a lost link is survived (hpcbridge/failover.py).
     return failover.stream(get_bridge(), entry.offers, "POST", ENDPOINTS[kind], entry.id, headers,
                            raw or json.dumps(data).encode(), link_wait=settings.GATEWAY_LINK_WAIT)

@@ -784,13 +784,12 @@ def with_priority(body: bytes, priority: int) -> bytes:
     """The JSON request body with its top-level ``priority`` set to ``priority``, or absent when 0
     (vLLM's default; an fcfs server refuses any other value, and a client must not choose its own).
     Cheap in the usual case: a body without the word is only spliced, and only for a nonzero value;
-    a body that has it (the client's field, or the word in a string) is parsed and rewritten."""
-    if b'"priority"' not in body:
+    a body that has it (the client's field, or the word in a string), or that does not open with a
+    plain ``{`` (a BOM, UTF-16 or UTF-32, which vLLM's JSON parser takes too), is parsed and rewritten."""
+    opening = _OBJECT_START.match(body)
+    if opening is not None and b'"priority"' not in body:
         if not priority:
             return body
-        opening = _OBJECT_START.match(body)
-        if opening is None:
-            return body  # not an object: vLLM will refuse it anyway
         at = opening.end(1)
         field = b'"priority": %d' % priority if opening.group(2) else b'"priority": %d, ' % priority
         return b"".join((body[:at], field, memoryview(body)[at:]))

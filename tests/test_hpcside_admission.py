@@ -98,6 +98,16 @@ def test_the_body_gets_the_priority_and_loses_any_the_client_chose() -> None:
     assert with_priority(b"", 5) == b""
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_a_body_with_a_bom_or_in_utf16_cannot_slip_past_its_priority(encoding: str) -> None:
+    # vLLM's JSON parser takes these too: left as they were, the request would run at priority 0,
+    # the best there is, whatever the gateway said (found in review).
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(encoding)
+    assert json.loads(with_priority(body, 1100))["priority"] == 1100
+    sneaky = json.dumps({"model": "m", "priority": -5}).encode(encoding)
+    assert "priority" not in json.loads(with_priority(sneaky, 0))
+
+
 # -- the router's slots ---------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ would have to be held); the parallel-streams limit bounds how many can be in fli
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,7 @@ from gateway.errors import ApiError
 from gateway.limits import Counters
 from gateway.threads import in_thread
 
+log = logging.getLogger("gateway.budgets")
 ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
 RESYNC = 3600  # seconds a counter lives before it is rebuilt from the database (heals any drift)
 
@@ -316,11 +318,25 @@ class Budgets:
         if tokens <= 0:
             return
         for subject, period in sorted({(a.subject, a.budget.period) for a in admission.applied}):
-            start, _ = period_bounds(period, now)
-            key = self._key(subject, period, start)
+            self._count(subject, period, now, tokens)
+
+    def _count(self, subject: str, period: str, now: dt.datetime, tokens: int) -> None:
+        """Add a request's tokens to the period's counter, rebuilding it first if it is missing (before
+        this request's row is queued, so the row is not counted twice). Never starts a missing counter
+        at zero: one that expires between the look and the add is rebuilt again, else a period's usage
+        would be forgotten until the next rebuild and the budget could be spent twice."""
+        start, end = period_bounds(period, now)
+        key = self._key(subject, period, start)
+        for _ in range(3):
             if self.cache.get(key) is None:
-                self.used_sync(subject, period, now)  # rebuilt before this request's row is queued
-            self._add(key, tokens)
+                self.cache.add(key, self.usage(subject, start, end), RESYNC)  # the first rebuild wins
+            try:
+                self.cache.incr(key, tokens)
+                return
+            except ValueError:  # expired (or the cache was lost) since the look: rebuild again
+                continue
+        # The cache keeps losing it: the usage row (queued next) is what the next rebuild counts.
+        log.warning("budgets: could not count %d tokens for %s in the cache", tokens, subject)
 
     # -- the async side: no thread hop for a caller without budgets ----------------------------
 

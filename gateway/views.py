@@ -173,19 +173,25 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
         if entry.limits is not None:
             buckets.append((f"{caller.subject}:{entry.limits_id}", entry.limits))
         lease = uuid.uuid4().hex
-        decision, slots = await limiter.acquire_all(buckets, lease)
-        rate_headers = decision.headers
-        if not decision.allowed:
-            await budgets.release(admission)
-            metrics.RATE_LIMITED.labels(kind).inc()
-            where = (f" for {entry.id}" if entry.limits_id and decision.subject.endswith(f":{entry.limits_id}")
-                     else " for this key" if decision.subject.startswith("k") else "")
-            raise ApiError(429, f"Rate limit reached: {decision.reason}{where}. "
-                                f"Retry after {decision.retry_after:.0f}s.",
-                           code="rate_limit_exceeded", retry_after=decision.retry_after)
-        acct = Accounting(caller, entry.id, kind, bool(data.get("stream")), slots, lease, estimate)
-        acct.budget = admission
-        acct.priority = await fairshare.priority(caller)  # from recent usage: one cache read
+        slots: list[Bucket] = []
+        try:
+            decision, slots = await limiter.acquire_all(buckets, lease)
+            rate_headers = decision.headers
+            if not decision.allowed:
+                metrics.RATE_LIMITED.labels(kind).inc()
+                where = (f" for {entry.id}" if entry.limits_id and decision.subject.endswith(f":{entry.limits_id}")
+                         else " for this key" if decision.subject.startswith("k") else "")
+                raise ApiError(429, f"Rate limit reached: {decision.reason}{where}. "
+                                    f"Retry after {decision.retry_after:.0f}s.",
+                               code="rate_limit_exceeded", retry_after=decision.retry_after)
+            acct = Accounting(caller, entry.id, kind, bool(data.get("stream")), slots, lease, estimate)
+            acct.budget = admission
+            acct.priority = await fairshare.priority(caller)  # from recent usage: one cache read
+        except BaseException:
+            # Refused, failed (the cache down) or the client left before forward: what this request
+            # holds (its prompt in the budget, its parallel slot) goes back now, not when it expires.
+            await asyncio.shield(give_back(admission, slots, lease))
+            raise
         response = await forward(entry, kind, data, request.body, acct)
     except ApiError as exc:
         if exc.status in (400, 401, 403, 404, 405, 413):
@@ -201,6 +207,13 @@ async def proxy(request: HttpRequest, kind: str) -> HttpResponseBase:
     for name, value in budget_headers.items():
         response[name] = value
     return response
+
+
+async def give_back(admission: Admission, slots: list[Bucket], lease: str) -> None:
+    """Release a request that ends before it is forwarded: its budget hold and its parallel slot."""
+    await budgets.release(admission)
+    if slots:
+        await limiter.release_all(slots, 0, lease)
 
 
 def open_events(entry: registry.ModelEntry, kind: str, data: dict[str, Any], raw: bytes,

@@ -91,3 +91,27 @@ def test_unknown_endpoints_answer_in_openai_shape() -> None:
     key = new_key()
     response = async_to_sync(client().get)("/v1/nothing-here", headers={"Authorization": f"Bearer {key}"})
     assert_openai_error(response, 404)
+
+
+def test_a_request_that_fails_before_it_is_forwarded_gives_back_its_budget_hold_and_slot(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import budgets as budgets_module
+    from gateway import views
+    from gateway.models import Budget, ModelOverlay, RateLimitPolicy
+
+    budgets_module.forget()
+    user = User.objects.create(username="fay")
+    Budget.objects.create(name="fay's", user=user, tokens=100_000)
+    RateLimitPolicy.objects.create(name="one at a time", user=user, parallel_streams=1)
+    ModelOverlay.objects.create(model_id="ext", external_base_url="http://127.0.0.1:9/v1", external_model="x")
+    key = keys.api_key_create(user=user, name="k")[1]
+
+    async def cache_down(caller: Any) -> int:
+        raise ConnectionError("the cache is down")
+
+    monkeypatch.setattr(views.fairshare, "priority", cache_down)
+    body = json.dumps({"model": "ext", "messages": ASK, "stream": True}).encode()
+    for _ in range(2):  # the second would find the one parallel slot taken if the first kept it
+        with pytest.raises(ConnectionError):
+            post(body, key)
+    assert int(budgets_module.budgets.cache.get(f"bud:u{user.pk}:held") or 0) == 0  # no prompt left held

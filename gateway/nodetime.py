@@ -43,6 +43,7 @@ class Collected:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    closed: int = 0  # open rows of instances the platform no longer lists
     skipped: list[str] = field(default_factory=list)  # why records were refused
     complete: bool = True
     sacct: str = ""
@@ -139,6 +140,20 @@ def nodetime_upsert(platform: str, record: Record) -> str:
     return "updated"
 
 
+def close_lost(platform: str, listed: set[str], last_seen: dt.datetime) -> int:
+    """Close the rows still open here of instances a complete answer no longer lists, neither running
+    nor ended (the platform lost its record: its state directory was wiped, the ledger line could not
+    be written). They end when they were last listed running, never later: else the charge-back would
+    count them running to this day, every month after. Returns how many were closed."""
+    closed = 0
+    lost = NodeTime.objects.select_for_update().filter(platform=platform, ended_at__isnull=True)
+    for row in lost.exclude(instance__in=listed):
+        row.ended_at = max(row.started_at, last_seen)
+        row.save(update_fields=["ended_at"])
+        closed += 1
+    return closed
+
+
 def nodetime_collect(bridge: Bridge, platform: str, since: float | None = None) -> Collected:
     """Ask one platform and store what it says; the cursor moves on a complete answer only."""
     cursor, _ = NodeTimeCollection.objects.get_or_create(platform=platform)
@@ -154,8 +169,12 @@ def nodetime_collect(bridge: Bridge, platform: str, since: float | None = None) 
     done.complete = answer.get("complete") is True
     done.sacct = str(answer.get("sacct", ""))[:300]
     done.received = len(answer["data"])
+    last_seen = cursor.until  # the platform's clock when it last listed what was running
     with transaction.atomic():
+        listed: set[str] = set()
         for raw in answer["data"]:
+            if isinstance(raw, dict) and isinstance(raw.get("instance"), str):
+                listed.add(raw["instance"])  # a refused record is not taken for a lost one
             try:
                 record = parse_record(raw)
             except NodeTimeError as exc:
@@ -163,6 +182,8 @@ def nodetime_collect(bridge: Bridge, platform: str, since: float | None = None) 
                 continue
             outcome = nodetime_upsert(platform, record)
             setattr(done, outcome, getattr(done, outcome) + 1)
+        if done.complete and last_seen > 0:
+            done.closed = close_lost(platform, listed, dt.datetime.fromtimestamp(last_seen, tz=dt.UTC))
         if done.complete:
             cursor.until = max(cursor.until, float(answer["now"]))
         cursor.collected_at = timezone.now()

@@ -72,6 +72,20 @@ def test_a_running_instance_is_stored_open_and_closed_by_a_later_collection() ->
     assert NodeTimeCollection.objects.get(platform="hpc").until == 6000.0
 
 
+def test_a_running_instance_the_platform_no_longer_lists_is_closed_when_last_seen() -> None:
+    other = {**RUNNING, "instance": "ffffeeeedddd", "job_id": "42"}
+    plat = FakePlatform([answer(RUNNING, other, now=5000.0), answer(other, now=6000.0),
+                         answer(other, now=7000.0, complete=False)])
+    run(plat)
+    second = run(plat)  # RUNNING's record is gone from the platform (state wiped, ledger unwritten)
+    assert second.closed == 1
+    row = NodeTime.objects.get(platform="hpc", instance=RUNNING["instance"])
+    assert row.ended_at == dt.datetime.fromtimestamp(5000, tz=dt.UTC)  # when it was last listed running
+    assert NodeTime.objects.get(platform="hpc", instance=other["instance"]).ended_at is None
+    NodeTime.objects.filter(instance=RUNNING["instance"]).update(ended_at=None)
+    assert run(plat).closed == 0  # an incomplete answer closes nothing
+
+
 def test_an_incomplete_answer_is_stored_but_the_same_period_is_asked_again() -> None:
     plat = FakePlatform([answer(RUNNING, now=5000.0), answer(RUNNING, now=7000.0, complete=False),
                          answer(RUNNING, now=8000.0)])

@@ -57,6 +57,9 @@ class Command(BaseCommand):
             return
         self.stdout.write(f"{done.platform}: {done.received} instance(s) since {when}: {done.created} new, "
                           f"{done.updated} updated, {done.unchanged} unchanged; sacct {done.sacct}")
+        if done.closed:
+            self.stdout.write(f"{done.platform}: {done.closed} running instance(s) no longer listed by the platform "
+                              "(its records lost): closed when last seen running")
         for why in done.skipped:
             self.stderr.write(f"{done.platform}: a record was refused: {why}")
         if not done.complete:

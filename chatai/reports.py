@@ -40,7 +40,7 @@ def chargeback_chart(data: dict[str, Any]) -> Any:
     unit = "GPU-hours" if data["totals"]["gpu_hours"] > 0 else "CPU-hours"
     key = "gpu_hours" if unit == "GPU-hours" else "cpu_hours"
     projects = [p["project"] for p in data["projects"]]
-    categories = [*projects, "idle"]
+    categories = [*projects, "(idle)"]
     values: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(categories))
     for line in data["lines"]:
         if line[key] > 0:

@@ -7,6 +7,7 @@ import datetime
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
+from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
 
@@ -16,7 +17,8 @@ class Project(models.Model):
     Slurm account. Members: the users of its ``groups`` (from the OIDC groups claim) and its
     explicit ``members`` (set by an admin)."""
 
-    name = models.CharField(max_length=100, unique=True)
+    name = models.CharField(max_length=100, unique=True, validators=[RegexValidator(
+        r"^[^(]", "A project's name may not start with '(': the reports use '(no project)' and '(idle)'.")])
     slurm_account = models.CharField(max_length=100, blank=True,
                                      help_text="The Slurm account this project stands for, if any.")
     description = models.TextField(blank=True)

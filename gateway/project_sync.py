@@ -56,6 +56,8 @@ def _groups(name: str, value: Any) -> tuple[str, ...]:
 def _spec(name: Any, value: Any) -> ProjectSpec:
     if not isinstance(name, str) or not name.strip() or len(name) > 100 or name != name.strip():
         raise _fail(f"project name {name!r} must be 1 to 100 characters without surrounding spaces")
+    if name.startswith("("):
+        raise _fail(f"project name {name!r} may not start with '(' (the reports use '(no project)' and '(idle)')")
     if isinstance(value, list):
         return ProjectSpec(name, _groups(name, value))
     if not isinstance(value, dict):

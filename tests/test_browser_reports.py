@@ -125,7 +125,7 @@ def test_staff_see_the_charge_back_with_a_chart_and_download_the_same_numbers(st
     assert idle[:3] == ["local", "stub-model", "1"] and float(idle[3]) >= float(idle[4]) > 0, idle
     bars = chart_bars(page, "#chargeback-chart")
     assert any(b.startswith("alpha, local/stub-model: ") for b in bars), bars
-    assert any(b.startswith("idle, local/stub-model: ") for b in bars), bars
+    assert any(b.startswith("(idle), local/stub-model: ") for b in bars), bars
     shot(page, "chargeback-page")
     with page.expect_download() as download:
         page.click("#csv-link")

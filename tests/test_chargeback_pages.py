@@ -155,7 +155,7 @@ def test_the_chart_is_well_formed_svg_and_a_hostile_project_name_is_only_text(mo
     assert any(HOSTILE[:20] in x for x in texts), texts  # the name survives as text
     assert not list(root.iter(f"{SVG_NS}script")) and not list(root.iter("b"))
     bars = {e.find(f"{SVG_NS}title").text for e in root.iter(f"{SVG_NS}rect") if e.find(f"{SVG_NS}title") is not None}
-    assert "alpha, hpc/big: 1.50 GPU-hours" in bars and "idle, hpc/big: 6 GPU-hours" in bars
+    assert "alpha, hpc/big: 1.50 GPU-hours" in bars and "(idle), hpc/big: 6 GPU-hours" in bars
 
 
 def test_the_chart_function_escapes_every_label_and_attribute() -> None:

@@ -294,6 +294,17 @@ def test_the_admins_usage_csv_opens_a_hostile_key_name_as_text_not_a_formula() -
     assert row["prompt_tokens"] == "0" and row["streamed"] == "False"
 
 
+def test_a_project_name_cannot_pass_for_the_reports_own_rows() -> None:
+    from django.core.exceptions import ValidationError
+
+    for name in ("(no project)", "(idle)"):
+        with pytest.raises(ValidationError):
+            Project(name=name).full_clean()
+        with pytest.raises(ValueError, match="may not start with"):
+            parse_projects(json.dumps({name: ["g"]}))
+    Project(name="idle").full_clean()  # a plain word is fine: the chart's own bar is "(idle)"
+
+
 def test_the_project_admin_lists_accounts_shares_and_members() -> None:
     ann, alpha, beta = two_projects()
     member("bob", "a")

@@ -220,7 +220,8 @@ def test_a_cancelled_waiting_request_leaves_the_queue_without_taking_or_freeing_
 
     asyncio.run(scenario())
     assert queued == [1]  # only "next" waits: the cancelled one left the queue
-    assert [rid for rid, _ in site.started()] == ["h1", "h2", "next", "x", "y"]
+    started = [rid for rid, _ in site.started()]
+    assert started[:3] == ["h1", "h2", "next"] and sorted(started[3:]) == ["x", "y"]  # x and y start together
     assert not [p for rid in ("x", "y") for p in client.progress[rid]]
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the load published for the scheduler is back to nothing

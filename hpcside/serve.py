@@ -425,18 +425,21 @@ class Session:
             force = False
         if force:
             self.last_forced = now
-        # The router's counts belong to the event loop: copy them here, write them in the thread.
-        snapshot = self.router.snapshot()
+        # Held requests count in this reconcile: the counts are written here, on the event loop like
+        # publish_loop's, so a late thread can never overwrite newer counts with older ones.
+        try:
+            publish_inflight(self.config.settings.state_dir, self.router.snapshot())
+        except OSError:
+            pass
         loop = asyncio.get_running_loop()
-        self.reconciling = loop.run_in_executor(self.executor, self._reconcile, force, snapshot)
+        self.reconciling = loop.run_in_executor(self.executor, self._reconcile, force)
 
-    def _reconcile(self, force: bool, snapshot: Load) -> None:
+    def _reconcile(self, force: bool) -> None:
         try:
             if self.scheduler is None:
                 from .reconcile import Scheduler
 
                 self.scheduler = Scheduler(self.config)
-            publish_inflight(self.config.settings.state_dir, snapshot)  # held requests count in this reconcile
             self.scheduler.reconcile(force=force)
         except Exception as exc:  # the session must survive a failing reconcile
             log.warning("reconcile failed: %s", type(exc).__name__)

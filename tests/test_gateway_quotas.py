@@ -185,8 +185,10 @@ def test_cold_start_details_are_for_staff_and_others_see_the_stage(app: LiveApp)
 def test_a_usage_row_carries_the_keys_project_and_the_instance_that_served_it(app: LiveApp) -> None:
     app.create_user("ivy")  # a user no earlier test has limited
     key = app.create_key("ivy")
-    app.shell("from gateway.models import ApiKey, Project\n"
+    app.shell("from django.contrib.auth.models import User\n"
+              "from gateway.models import ApiKey, Project\n"
               "p = Project.objects.create(name='climate', slurm_account='clim01')\n"
+              "p.members.add(User.objects.get(username='ivy'))  # a key's project must be its user's\n"
               "ApiKey.objects.filter(user__username='ivy').update(project=p)\n")
     assert chat(app, key) == 200
     out = app.shell("import json, time\nfrom gateway.models import UsageRecord\n"

@@ -37,6 +37,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def launch_chromium(pw):  # type: ignore[no-untyped-def]
     """Debian's Chromium, headless, as every browser test starts it."""
     return pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+def watched_page(context):  # type: ignore[no-untyped-def]
+    """A new page of ``context`` with the browser tests' timeout, and the list its uncaught script errors go to."""
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return page, errors
+
+
 CANARY = f"CANARY{uuid.uuid4().hex[:16]}"
 ACCOUNTS = {"alice@uni.example": {"email": "alice@uni.example", "given_name": "Alice", "family_name": "Example",
                                   "groups": ["physics", "staff-unrelated"]}}
@@ -64,10 +75,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
             browser = launch_chromium(pw)
             context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 800})
             context.grant_permissions(["clipboard-read", "clipboard-write"], origin=app.url)
-            page = context.new_page()
-            page.set_default_timeout(30_000)
-            errors: list = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page, errors = watched_page(context)
             yield app, provider, browser, context, page, errors
             context.close()
             browser.close()

@@ -20,7 +20,7 @@ import pytest
 from tests.harness.oidc import OIDCProvider
 from tests.harness.slurm import free_port
 from tests.live import LiveApp, stub_service
-from tests.test_browser import CHROMIUM, launch_chromium
+from tests.test_browser import CHROMIUM, launch_chromium, watched_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.redis, pytest.mark.live, pytest.mark.root]
 
@@ -52,10 +52,7 @@ def stack() -> Iterator[tuple]:
         with playwright_api.sync_playwright() as pw:
             browser = launch_chromium(pw)
             context = browser.new_context()  # one profile for every user: a shared computer
-            page = context.new_page()
-            page.set_default_timeout(30_000)
-            errors: list = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page, errors = watched_page(context)
             yield app, provider, context, page, errors
             context.close()
             browser.close()

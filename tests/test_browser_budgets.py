@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.live import LiveApp, stub_service
-from tests.test_browser import CHROMIUM, launch_chromium, send, shot, wait_idle, wait_js
+from tests.test_browser import CHROMIUM, launch_chromium, send, shot, wait_idle, wait_js, watched_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -41,10 +41,7 @@ def stack() -> Iterator[tuple]:
         with playwright_api.sync_playwright() as pw:
             browser = launch_chromium(pw)
             context = browser.new_context(viewport={"width": 1280, "height": 800})
-            page = context.new_page()
-            page.set_default_timeout(30_000)
-            errors: list = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page, errors = watched_page(context)
             yield app, page, errors
             context.close()
             browser.close()

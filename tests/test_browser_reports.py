@@ -17,7 +17,7 @@ import pytest
 from tests.harness.oidc import ARTIFACTS
 from tests.live import LiveApp, stub_service
 from tests.test_api import call, wait_ready
-from tests.test_browser import CHROMIUM, launch_chromium, wait_js
+from tests.test_browser import CHROMIUM, launch_chromium, wait_js, watched_page
 from tests.test_chargeback_pages import svg_root
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
@@ -58,10 +58,7 @@ def stack() -> Iterator[tuple]:
 
 def sign_in(browser, app: LiveApp, username: str):  # type: ignore[no-untyped-def]
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page, errors = watched_page(context)
     page.goto(f"{app.url}/accounts/login/")
     page.fill("input[name=username]", username)
     page.fill("input[name=password]", f"pw-{username}-123")

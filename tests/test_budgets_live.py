@@ -198,11 +198,14 @@ def test_a_counter_lost_from_the_cache_is_rebuilt_from_the_database(app: LiveApp
         pytest.skip("the in-process counters die with the worker; the engine test covers their rebuild")
     key = project_key(app, "ann", "climate")
     set_budget(app, 1_000_000, project="climate")
-    assert chat(app, key)[0] == 200
-    before = budget_used(app, key)
     rows = int(app.shell("from gateway.models import UsageRecord\n"
-                         "print(UsageRecord.objects.filter(project__name='climate').count())").split()[-1])
-    assert before == db_tokens(app, "climate", rows)
+                         "print(UsageRecord.objects.filter(project__name='climate').count())").split()[-1]) + 1
+    assert chat(app, key)[0] == 200
+    # The usage row is written after the reply has gone out (its budget counter settled before it):
+    # wait for the row, then read the counter.
+    spent = db_tokens(app, "climate", rows)
+    before = budget_used(app, key)
+    assert before == spent
     names = subprocess.run(["redis-cli", "-n", str(REDIS_DB), "--scan", "--pattern", "*bud:*"],
                            capture_output=True, text=True, check=True).stdout.split()
     assert any(":bud:p" in n for n in names), names

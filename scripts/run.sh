@@ -58,6 +58,9 @@ trap stop_all EXIT
 trap 'exit 130' INT TERM
 
 step "web app (daphne on $HOST:$PORT)"
+# The model's local jobs end with this command (hpcside/watchdog.py), even on SIGKILL; not with daphne,
+# whose exit on Ctrl-C would end them before `embedded stop` below could stop them and say so.
+export HPCSIDE_OWNER_PID=$$
 .venv/bin/daphne -b "$HOST" -p "$PORT" chatai.asgi:application &
 daphne_pid=$!
 up=0
@@ -71,7 +74,7 @@ if [ "$up" = 0 ]; then echo "the web app does not answer on ${URL}healthz; see i
 
 if [ "$embedded" = 1 ]; then
   step "starting the model (vLLM on CPU)"
-  HPCSIDE_OWNER_PID=$daphne_pid .venv/bin/python manage.py embedded warm --timeout 300
+  .venv/bin/python manage.py embedded warm --timeout 300
 fi
 
 step "Chat AI is ready: $URL"

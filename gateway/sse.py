@@ -132,12 +132,15 @@ def usage_in_body(body: bytes) -> Any:
 class Relay:
     """One upstream SSE stream as the client receives it: whole events as they complete (a partial
     one waits for its end), every event counted into ``tally``, and the usage-only chunk dropped
-    unless the client asked for usage (``wants_usage``)."""
+    unless the client asked for usage (``wants_usage``). ``done`` once ``[DONE]`` has been handed on:
+    the answer is whole, and a client that hangs up after it (the openai client stops reading there)
+    has not cut it short."""
 
     def __init__(self, wants_usage: bool) -> None:
         self.wants_usage = wants_usage
         self.tally = Tally()
         self.pending = b""
+        self.done = False
 
     def feed(self, data: bytes) -> bytes:
         """The complete events in ``data`` (plus what was pending), ready to send."""
@@ -149,6 +152,8 @@ class Relay:
                 self.tally.note(obj)
                 if not self.wants_usage and is_usage_only(obj):
                     continue
+            elif block.startswith(b"data:") and block[5:].strip() == b"[DONE]":
+                self.done = True
             out.append(block + b"\n\n")
         return b"".join(out)
 

@@ -331,7 +331,9 @@ async def relay(first: Any, events: AsyncIterator[Any], acct: Accounting, wants_
         status = exc.status
         yield sse.error_ending(ApiError.from_upstream(exc).body())
     except BaseException:
-        status = 499  # the client went away
+        # The client went away: before the end of the answer (499), or after [DONE] had been sent,
+        # which a client may read and hang up without waiting for the connection to close.
+        status = 200 if events_out.done else 499
         raise
     finally:
         await events.aclose()  # type: ignore[attr-defined]  # cancels upstream if unfinished

@@ -53,6 +53,26 @@ def test_events_reach_the_client_whole_whatever_the_byte_boundaries(size: int) -
     assert (relay.tally.chunks, relay.tally.chars) == (2, 5)
 
 
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_the_relay_knows_when_the_end_of_the_answer_has_gone_out(size: int) -> None:
+    """A client that hangs up after [DONE] (the openai client stops reading there) got the whole answer:
+    the gateway accounts it as 200, not as a stream the client cut short (499)."""
+    raw = ev(chunk("Hel")) + ev(chunk("lo"))
+    relay = sse.Relay(wants_usage=False)
+    for i in range(0, len(raw), size):
+        relay.feed(raw[i:i + size])
+    assert not relay.done
+    for i in range(0, len(sse.DONE), size):
+        relay.feed(sse.DONE[i:i + size])
+    assert relay.done
+    assert not sse.Relay(False).feed(b"data: [DONE]") and not sse.Relay(False).done  # not whole yet: not sent
+    relay = sse.Relay(False)
+    relay.feed(b'data: {"text": "[DONE]"}\n\n: [DONE]\n\n')  # the word in a chunk or a comment is not the end
+    assert not relay.done
+    relay.feed(b"data:[DONE]\n\n")  # no space after the colon
+    assert relay.done
+
+
 @pytest.mark.parametrize("position", [0, 1, 2])
 @pytest.mark.parametrize("wants_usage", [True, False])
 def test_the_usage_chunk_is_taken_wherever_it_comes_and_sent_only_if_asked(position: int, wants_usage: bool) -> None:

@@ -45,8 +45,10 @@ def test_sigterm_lets_the_streams_in_flight_finish_and_takes_no_new_connection(a
         streams = [asyncio.ensure_future(one_stream(client, repeat=8)) for _ in range(8)]  # 2.8 s each
         await asyncio.sleep(1.0)
         os.kill(daphne.pid, signal.SIGTERM)
-        await asyncio.sleep(0.5)
-        closed = refused(app.ports[0])
+        closed, deadline = False, time.monotonic() + 1.5  # the handler stops listening on daphne's own loop
+        while not closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            closed = refused(app.ports[0])
         return list(await asyncio.wait_for(asyncio.gather(*streams), 60)), closed
 
     done, closed = asyncio.run(run())

@@ -74,15 +74,18 @@ def test_load_is_published_while_requests_are_in_flight(platform: Platform, stat
         agen = platform.stream("POST", "/v1/chat/completions", "m", {},
                                json.dumps({**CHAT, "stream": True, "stub_delay": 0.5}).encode())
         async for event in agen:
-            if isinstance(event, Head):
-                await asyncio.sleep(1.6)  # more than the publish interval
-                for path in (state / "state" / "inflight").glob("*.json"):
-                    seen.append(json.loads(path.read_text()))
+            if isinstance(event, Head):  # the stream runs 3.5 s; the session publishes every second
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline:
+                    seen[:] = [json.loads(p.read_text()) for p in (state / "state" / "inflight").glob("*.json")]
+                    if seen and seen[0]["models"].get("m", {}).get("inflight") == 1:
+                        break
+                    await asyncio.sleep(0.1)
         return seen
 
     seen = asyncio.run(slow_and_watch())
     assert seen, "no in-flight file was published"
-    assert seen[0]["models"]["m"]["inflight"] == 1
+    assert seen[0]["models"]["m"]["inflight"] == 1, seen
     assert seen[0]["instances"] == {"bbbbbbbbbbbb": 1}
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:

@@ -36,7 +36,8 @@ from tests.live import local_services, stub_service
 
 SUPPORT = Path(__file__).resolve().parent / "support"
 ASK = [{"role": "user", "content": "hello"}]
-HEAVY = {"stub_delay": 0.1, "stub_repeat": 2}  # 14 events, about 1.4 s
+HEAVY = {"stub_delay": 0.1, "stub_repeat": 4}  # 28 events, about 2.8 s: room for the checks made meanwhile
+HEAVY_SECONDS = 2.8
 LIGHT = {"stub_delay": 0.01}
 
 
@@ -134,11 +135,14 @@ class Client:
 
 async def queue_after_two_heavy(site: Site, client: Client, later: list[tuple[str, int | None, dict[str, Any]]],
                                 heavy_priority: int | None = 10) -> list[asyncio.Task[None]]:
-    """Two heavy streams take both slots; then ``later`` arrive one by one (arrival order fixed)."""
+    """Two heavy streams take both slots, h2 0.3 s after h1, so that the two slots free 0.3 s apart
+    (two requests admitted a few ms apart may reach the stand-in's threads in either order); then
+    ``later`` arrive one by one (arrival order fixed)."""
     tasks = []
     for rid in ("h1", "h2"):
         tasks.append(asyncio.ensure_future(client.stream(rid, heavy_priority, HEAVY)))
         await client.until(lambda rid=rid: rid in client.heads)
+        await asyncio.sleep(0.3)
     for rid, priority, extra in later:
         tasks.append(asyncio.ensure_future(client.stream(rid, priority, extra)))
         await asyncio.sleep(0.05)
@@ -155,18 +159,17 @@ def test_a_light_request_starts_at_once_beside_a_heavy_backlog_that_waits_its_tu
             ("light1", 0, LIGHT), ("light2", 0, LIGHT), ("h6", 10, HEAVY)])
         _, models = await site.platform.request("GET", "/v1/models")
         queued_seen.extend(m["queued"] for m in json.loads(models)["data"] if m["id"] == "m")
-        light_done.append(all(rid in client.text for rid in ("light1", "light2")))
+        await client.until(lambda: {"light1", "light2"} <= set(client.text), timeout=2 * HEAVY_SECONDS)
         first_heavy_done.append("h1" in client.text)
         await asyncio.gather(*tasks)
 
-    light_done: list[bool] = []
     first_heavy_done: list[bool] = []
     asyncio.run(scenario())
     started = site.started()
     # The light requests go next, in their own arrival order; the heavy ones keep theirs.
     assert [rid for rid, _ in started] == ["h1", "h2", "light1", "light2", "h3", "h4", "h5", "h6"]
     # ...and at once: both were answered while the first heavy stream still ran.
-    assert light_done == [True] and first_heavy_done == [False]
+    assert first_heavy_done == [False]
     assert not client.progress["light1"] and not client.progress["light2"]
     # The priority reached vLLM in the body (vLLM's default 0 is left out).
     assert dict(started) == {"h1": 10, "h2": 10, "light1": 0, "light2": 0, "h3": 10, "h4": 10, "h5": 10, "h6": 10}
@@ -215,7 +218,8 @@ def test_a_cancelled_waiting_request_leaves_the_queue_without_taking_or_freeing_
         await asyncio.gather(*tasks)
         # Both slots are free again: two requests run at once, neither waits.
         both = [asyncio.ensure_future(client.stream(rid, 10, HEAVY)) for rid in ("x", "y")]
-        await client.until(lambda: {"x", "y"} <= set(client.heads), timeout=1.0)
+        # Within a heavy stream's length: had a slot leaked, one of them would wait for the other to end.
+        await client.until(lambda: {"x", "y"} <= set(client.heads), timeout=HEAVY_SECONDS - 0.5)
         await asyncio.gather(*both)
 
     asyncio.run(scenario())
@@ -241,13 +245,17 @@ def test_requests_waiting_for_a_slot_count_as_waiting_for_the_scheduler(site: Si
 
     async def scenario() -> None:
         tasks = await queue_after_two_heavy(site, client, [("w1", 10, LIGHT), ("w2", 10, LIGHT), ("w3", 10, LIGHT)])
-        await asyncio.sleep(1.1)  # the session publishes its load every second
-        for path in (site.state / "inflight").glob("*.json"):
-            seen.append(json.loads(path.read_text()))
+        # The session publishes its load every second; h1 runs for another 2 s or so.
+        deadline = time.monotonic() + HEAVY_SECONDS - 0.8
+        while time.monotonic() < deadline:
+            seen[:] = [json.loads(path.read_text()) for path in (site.state / "inflight").glob("*.json")]
+            if seen and seen[0]["models"].get("m", {}).get("waiting") == 3:
+                break
+            await asyncio.sleep(0.1)
         await asyncio.gather(*tasks)
 
     asyncio.run(scenario())
-    assert seen and seen[0]["models"]["m"]["inflight"] == 2 and seen[0]["models"]["m"]["waiting"] == 3
+    assert seen and seen[0]["models"]["m"]["inflight"] == 2 and seen[0]["models"]["m"]["waiting"] == 3, seen
     assert seen[0]["instances"] == {"aaaaaaaaaaaa": 2}
 
 

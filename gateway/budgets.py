@@ -287,7 +287,14 @@ class Budgets:
         held: dict[str, int] = {}
         for subject in subjects:
             key = self._held_key(subject)
-            held[subject] = self._add(key, estimate) if estimate else int(self.cache.get(key) or 0)
+            if estimate:
+                held[subject] = self._add(key, estimate)
+                # The holds of requests still running live in this counter: it must not expire an hour
+                # after it was made, under steady traffic, and come back at 0 (their releases would then
+                # take it below the holds in flight). Each hold renews its life.
+                self.cache.touch(key, RESYNC)
+            else:
+                held[subject] = int(self.cache.get(key) or 0)
         admission = Admission(applied, held=estimate, subjects=subjects if estimate else [])
         for a in applied:
             used, start, end = self.used_sync(a.subject, a.budget.period, now)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -134,6 +135,26 @@ def test_a_refused_request_holds_nothing_and_an_ended_one_gives_its_hold_back(ba
     assert b.admit_sync(applied, 40, NOW).allowed is True  # the refused one held nothing
     b.settle_sync(running, 0, NOW)  # failed before the model took it: nothing charged, hold given back
     assert b.states_sync(applied, NOW)[0].used == 0
+
+
+def test_the_holds_in_flight_outlive_the_counters_first_lifetime(backend: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under steady traffic the counter of holds keeps living: a request admitted after the counter's
+    first lifetime still sees the prompts in flight (RESYNC shortened from an hour to 2 s)."""
+    monkeypatch.setattr(budgets_module, "RESYNC", 2)
+    b = engine(backend)
+    dora = User.objects.create(username="dora")
+    Budget.objects.create(name="dora", user=dora, tokens=100)
+    applied = applying(Who(dora))
+    first = b.admit_sync(applied, 60, NOW)
+    time.sleep(1.2)
+    second = b.admit_sync(applied, 30, NOW)
+    assert first.allowed and second.allowed
+    time.sleep(1.2)  # past the counter's first lifetime, not past the last hold's
+    assert not b.admit_sync(applied, 30, NOW).allowed  # 60 + 30 held: 30 more would cross 100
+    b.settle_sync(first, 0, NOW)
+    b.settle_sync(second, 0, NOW)
+    assert b.admit_sync(applied, 100, NOW).allowed
 
 
 def test_a_group_budget_counts_each_member_alone_and_a_project_budget_counts_all(backend: str) -> None:

@@ -98,22 +98,52 @@ def charged_tokens(tally: Tally, accepted: bool, prompt_estimate: int) -> tuple[
 
 def _text_chars(value: Any) -> int:
     """Characters of prompt text in a message content, prompt or input (strings, parts, lists); a list
-    of token ids counts CHARS_PER_TOKEN characters per token."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, int):
-        return CHARS_PER_TOKEN
-    if isinstance(value, list):
-        return sum(_text_chars(v) for v in value)
-    if isinstance(value, dict):
-        return _text_chars(value.get("text") or value.get("content") or "")
-    return 0
+    of token ids counts CHARS_PER_TOKEN characters per token. Walked without recursion: a hostile
+    body may nest lists a thousand deep (the model answers that with its own 400, not us with a 500)."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, int):
+            total += CHARS_PER_TOKEN
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.append(item.get("text") or item.get("content") or "")
+    return total
+
+
+def _json_chars(value: Any) -> int:
+    """Characters of the names and strings in a JSON value (a tool's schema, say), without recursion."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            total += sum(len(k) for k in item)
+            stack.extend(item.values())
+        elif item is not None:
+            total += 1
+    return total
+
+
+# The parts of a chat request besides its messages that the model reads as prompt (the chat template
+# renders tools and functions into it; a JSON schema for the answer guides it).
+PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
 
 
 def prompt_estimate(data: dict[str, Any], kind: str) -> int:
-    """The prompt's tokens as estimated from its text, for a request that ends without usage."""
+    """The prompt's tokens as estimated from its text, for a request that ends without usage, and for
+    the hold a budget takes on admission: message contents, and a chat's tools, functions and schema."""
     if kind == "chat":
         size = sum(_text_chars(m.get("content")) for m in data.get("messages") or [] if isinstance(m, dict))
+        size += sum(_json_chars(data.get(name)) for name in PROMPT_FIELDS)
     else:
         size = _text_chars(data.get("prompt" if kind == "completions" else "input"))
     return estimate_tokens(size)

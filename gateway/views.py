@@ -49,6 +49,8 @@ def parse_body(request: HttpRequest, kind: str) -> dict[str, Any]:
         data = json.loads(request.body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested about a thousand deep
+        raise ApiError(400, "The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
     model = data.get("model")

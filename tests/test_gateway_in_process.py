@@ -67,6 +67,8 @@ def test_missing_or_invalid_keys_get_401_in_openai_shape(headers: dict[str, str]
     (json.dumps({"model": "stub-model", "messages": "hi"}).encode(), "messages"),
     (json.dumps({"model": "stub-model", "messages": [{"content": "x"}]}).encode(), "messages[0]"),
     (json.dumps({"model": "stub-model", "messages": ASK, "stream": "yes"}).encode(), "stream"),
+    (b'{"model": "stub-model", "messages": [{"role": "user", "content": ' + b"[" * 100_000 + b"]" * 100_000
+     + b"}]}", None),  # nested too deeply for the JSON parser: 400, not 500
 ])
 def test_malformed_requests_get_400_naming_the_parameter(payload: bytes, param: str | None) -> None:
     response = post(payload, new_key())

@@ -143,6 +143,23 @@ def test_the_prompt_estimate_counts_text_parts_and_token_ids() -> None:
     assert sse.prompt_estimate({"input": "abcde"}, "embeddings") == 2
 
 
+def test_the_prompt_estimate_counts_a_chats_tools_and_answer_schema() -> None:
+    """A budget's hold must see a prompt carried in tools (the chat template renders them into it)."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "description": "x" * 4000}}}
+    chat = {"messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "weather", "parameters": schema}}]}
+    assert sse.prompt_estimate(chat, "chat") > 1000
+    assert sse.prompt_estimate({**chat, "tools": None, "response_format": {"type": "json_schema",
+                                                                           "json_schema": schema}}, "chat") > 1000
+
+
+def test_a_prompt_nested_thousands_deep_is_estimated_without_recursion() -> None:
+    deep: Any = "abcd"
+    for _ in range(100_000):
+        deep = [deep]
+    assert sse.prompt_estimate({"messages": [{"role": "user", "content": deep}], "tools": deep}, "chat") == 2
+
+
 def test_usage_of_a_whole_reply_is_read_from_its_json() -> None:
     assert sse.usage_in_body(json.dumps({"usage": {"prompt_tokens": 1}}).encode()) == {"prompt_tokens": 1}
     assert sse.usage_in_body(b"not json") is None

@@ -18,9 +18,11 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from django.db import close_old_connections
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, close_old_connections
+from django.db.models import Model
 
-from gateway.models import UsageRecord
+from gateway.models import ApiKey, Project, UsageRecord
 from gateway.threads import in_thread
 
 log = logging.getLogger("gateway.usage")
@@ -62,7 +64,15 @@ class UsageWriter:
         close_old_connections()
         with self.commit:
             try:
-                UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)
+                try:
+                    UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)
+                except IntegrityError:
+                    # A row names a user, key or project deleted since its request began (staff deleted
+                    # a project while its member's stream ran): retried as is, the batch and every later
+                    # one would fail for ever. Such a row gets NULL there, as the deletion gives the rows
+                    # already written (SET_NULL).
+                    _forget_deleted(batch)
+                    UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)
             except Exception as exc:  # the database is down: keep the rows for the next flush
                 log.warning("usage: could not write %d rows (%s); will retry", len(batch), type(exc).__name__)
                 with self.lock:
@@ -102,6 +112,22 @@ class UsageWriter:
                 self._write(batch)
             except Exception:  # noqa: BLE001 - nothing more can be done at exit
                 log.error("usage: %d rows lost at exit", len(batch))
+
+
+# The usage row's references, each nullable with SET_NULL: the model behind each column.
+REFERENCES: dict[str, type[Model]] = {"user_id": get_user_model(), "api_key_id": ApiKey, "project_id": Project}
+
+
+def _forget_deleted(batch: list[dict[str, Any]]) -> None:
+    """Set to None, in place, the references of ``batch`` whose row no longer exists."""
+    for column, model in REFERENCES.items():
+        ids = {row[column] for row in batch if row.get(column) is not None}
+        if not ids:
+            continue
+        gone = ids - set(model._default_manager.filter(pk__in=ids).values_list("pk", flat=True))
+        for row in batch:
+            if row.get(column) in gone:
+                row[column] = None
 
 
 writer = UsageWriter()

@@ -1,0 +1,69 @@
+"""The usage writer (gateway/usage.py) against the test database: a row that names a project, user or
+key deleted while its request ran is written with NULL there, as the deletion gives the rows already
+written, instead of failing its batch and every later one for ever. On SQLite, and again on PostgreSQL
+in a child pytest (both check foreign keys when the batch commits)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.db import connection
+from django.utils import timezone
+
+from gateway import keys
+from gateway.models import Project, UsageRecord
+from gateway.usage import UsageWriter
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def row(user: Any, key: Any, project: Any, tokens: int) -> dict[str, Any]:
+    return {"user_id": user.pk if user else None, "api_key_id": key.pk if key else None,
+            "project_id": project.pk if project else None, "model": "m", "endpoint": "chat", "status": 200,
+            "prompt_tokens": tokens, "completion_tokens": 0, "duration_ms": 1, "streamed": True,
+            "created_at": timezone.now()}
+
+
+def test_a_row_naming_what_was_deleted_meanwhile_is_written_without_it_and_blocks_nothing() -> None:
+    ann, bob = User.objects.create(username="ann"), User.objects.create(username="bob")
+    kept, gone = Project.objects.create(name="kept"), Project.objects.create(name="gone")
+    key, _ = keys.api_key_create(user=bob, name="k")
+    w = UsageWriter()
+    w.pending = [row(ann, None, gone, 1), row(ann, None, kept, 2), row(bob, key, None, 3)]
+    gone.delete()  # staff delete a project while its member's stream runs...
+    key.delete()
+    bob.delete()  # ...and a user (with their key) goes
+    w._write(w._take())
+    assert list(UsageRecord.objects.order_by("prompt_tokens").values_list(
+        "prompt_tokens", "user__username", "project__name", "api_key")) == [
+        (1, "ann", None, None), (2, "ann", "kept", None), (3, None, None, None)]
+    assert w.pending == [] and w.writing == []
+    w.pending = [row(ann, None, kept, 4)]  # the next batch is not held up by anything left over
+    w._write(w._take())
+    assert UsageRecord.objects.count() == 4
+
+
+def test_the_database_checked_is_the_one_asked_for() -> None:
+    assert connection.vendor == os.environ.get("CHATAI_USAGE_DB", "sqlite")
+
+
+@pytest.mark.postgres
+def test_the_same_tests_pass_on_postgresql() -> None:
+    if os.environ.get("CHATAI_USAGE_DB"):
+        pytest.skip("already the child run")
+    name = f"chatai_usage_{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "DB_ENGINE": "postgresql", "DB_NAME": name, "DB_USER": "postgres", "DB_HOST": "127.0.0.1",
+           "CHATAI_USAGE_DB": "postgresql"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", __file__, "-k",
+                           "not on_postgresql", "--create-db"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -62,6 +62,12 @@ def _complete(user: Any, key: ApiKey | None, chosen_project: Any = None) -> Call
             # charge-back are no longer theirs to spend. The key stops; a new one names a project of theirs.
             raise ApiError(403, f"This API key belongs to project {project.name!r}, of which you are no longer "
                                 "a member. Create a new key.", code="key_project_left")
+        if project is None:
+            # A key made without a project (before its user had one, or by an operator without
+            # --project) is charged as the chat is, to the user's default project, as Slurm charges a
+            # job without --account to the user's default account: a member cannot step around the
+            # project's budget, share and charge-back with an old key.
+            project = project_for_session(user, groups, None)
     else:
         project = project_for_session(user, groups, chosen_project)
     return Caller(user, key, groups, user_limits_for(user, groups), key_limits_for(key), project)

@@ -161,8 +161,12 @@ def test_every_kind_of_request_is_counted_and_the_crossing_one_is_refused(app: L
         client.chat.completions.create(model="stub-model", messages=ASK, stream=True)
     assert err.value.code == "insufficient_quota"
     assert budget_used(app, key) == spent and db_tokens(app, "climate", rows=6) == spent  # nothing counted
-    # Another of ann's keys without the project is not held to it.
-    assert chat(app, app.create_key("ann"))[0] == 200
+    # Another of ann's keys, made without a project, is charged to her default project: held to it too.
+    status, _, body = chat(app, app.create_key("ann"))
+    assert status == 429 and body["error"]["code"] == "insufficient_quota"
+    # A user of no project is not.
+    app.create_user("cy")
+    assert chat(app, app.create_key("cy"))[0] == 200
 
 
 def test_the_budget_left_is_in_every_v1_response_and_in_api_me(app: LiveApp) -> None:
@@ -190,7 +194,8 @@ def test_the_budget_left_is_in_every_v1_response_and_in_api_me(app: LiveApp) -> 
                                "remaining": 900 - used, "period": "day"}
     assert budgets["group"]["owner"] == "physics" and budgets["group"]["period"] == "week"
     assert dt.datetime.fromisoformat(budgets["group"]["resets_at"]).astimezone(ZoneInfo(ZONE)).weekday() == 0
-    assert me(app, app.create_key("ann"))["budgets"] == []  # ann's key without a project: none apply
+    app.create_user("dan")
+    assert me(app, app.create_key("dan"))["budgets"] == []  # no project, group or own budget: none apply
 
 
 def test_a_counter_lost_from_the_cache_is_rebuilt_from_the_database(app: LiveApp) -> None:

@@ -171,6 +171,20 @@ def test_a_key_is_charged_to_the_project_named_or_the_users_default() -> None:
     assert api(signed_in(loner), "POST", "/api/keys", {"name": "k"})[1]["project"] is None
 
 
+def test_a_key_without_a_project_is_charged_to_its_users_default_project() -> None:
+    """As Slurm charges a job without --account to the user's default account: a key made before its
+    user joined a project (or by an operator without --project) does not step around the project."""
+    ann = member("ann")
+    _, secret = keys.api_key_create(user=ann, name="old")  # made while ann had no project
+    assert caller_by_key(secret, "192.0.2.1").project is None
+    sync_projects((ProjectSpec("beta", ("b",), "b01"), ProjectSpec("alpha", ("a",), "a01")))
+    for name in ("a", "b"):  # ann joins alpha and beta through her groups
+        ann.groups.add(Group.objects.get_or_create(name=name)[0])
+    projects.forget()
+    assert caller_by_key(secret, "192.0.2.1").project.name == "alpha"  # type: ignore[union-attr]
+    assert ApiKey.objects.get(name="old").project is None  # the key itself names none: it follows the default
+
+
 def test_a_key_creates_keys_only_in_its_own_project() -> None:
     ann, alpha, beta = two_projects()
     _, secret = keys.api_key_create(user=ann, name="parent", project_id=beta.pk)
@@ -205,8 +219,10 @@ def test_manage_py_apikey_takes_a_project_of_the_users() -> None:
     assert ApiKey.objects.get(name="cli").project == beta
     with pytest.raises(CommandError, match="ann is not a member of a project named 'gamma'"):
         call_command("apikey", "create", "ann", "--name", "x", "--project", "gamma", stdout=io.StringIO())
-    call_command("apikey", "create", "ann", "--name", "none", stdout=io.StringIO())
-    assert ApiKey.objects.get(name="none").project is None  # an operator says where a key's usage goes
+    out = io.StringIO()
+    call_command("apikey", "create", "ann", "--name", "none", stdout=out)
+    assert "charged to the user's default project at each request (now alpha)" in out.getvalue()
+    assert ApiKey.objects.get(name="none").project is None  # charged to ann's default project, request by request
     out = io.StringIO()
     call_command("apikey", "list", stdout=out)
     assert "PROJECT" in out.getvalue() and " beta " in out.getvalue()

@@ -27,7 +27,8 @@ class Command(BaseCommand):
         create.add_argument("--expires-days", type=int, help="the key stops working after N days")
         create.add_argument("--model", action="append", default=[], help="allow only this model (repeatable)")
         create.add_argument("--project", help="charge its usage to this project (the user must be a member); "
-                            "without it, to no project: an operator names where a key's usage goes")
+                            "without it, to the user's default project at each request (as the chat is), or to none "
+                            "for a user of no project")
         listing = sub.add_parser("list", help="list keys (never their secrets)")
         listing.add_argument("--user")
         revoke = sub.add_parser("revoke", help="revoke a key by its prefix (cai-PREFIX...)")
@@ -50,7 +51,12 @@ class Command(BaseCommand):
         key, secret = api_key_create(user=user, name=name, expires_at=expires, allowed_models=model,
                                      project_id=charged.id if charged else None)
         self.stdout.write(f"API key {key.name!r} for {username} (shown once, store it now):\n{secret}")
-        self.stdout.write(f"project: {charged.name if charged else 'none'}")
+        if charged is not None:
+            self.stdout.write(f"project: {charged.name}")
+        else:
+            default = project_of_user(user, group_ids_of(user), None)
+            self.stdout.write("project: none named; charged to the user's default project at each request "
+                              f"(now {default.name})" if default else "project: none (the user has no project)")
         if expires:
             self.stdout.write(f"expires {expires:%Y-%m-%d %H:%M %Z}")
 

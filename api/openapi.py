@@ -55,9 +55,9 @@ def ok(schema: dict[str, Any], description: str = "OK", status: str = "200") -> 
 
 
 DATE_RANGE = [
-    {"name": "from", "in": "query", "required": False, "description": "First day (UTC), inclusive.",
+    {"name": "from", "in": "query", "required": False, "description": "First day (in the site's TIME_ZONE), inclusive.",
      "schema": {"type": "string", "format": "date"}},
-    {"name": "to", "in": "query", "required": False, "description": "Last day (UTC), inclusive.",
+    {"name": "to", "in": "query", "required": False, "description": "Last day (in the site's TIME_ZONE), inclusive.",
      "schema": {"type": "string", "format": "date"}},
 ]
 USAGE_FILTER = [*DATE_RANGE, {"name": "project", "in": "query", "required": False,

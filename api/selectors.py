@@ -70,7 +70,7 @@ def _totals(row: Mapping[str, Any], **renamed: str) -> dict[str, Any]:
 
 def usage_of(user: Any, start: dt.date | None, end: dt.date | None,
              project: str | None = None) -> list[dict[str, Any]]:
-    """The user's requests per day, model and project charged (UTC days): counts and tokens."""
+    """The user's requests per day, model and project charged (days in the site's TIME_ZONE): counts and tokens."""
     rows = _dated(UsageRecord.objects.filter(user=user), start, end, project)
     return [_totals(r, project="project__name") for r in rows.annotate(day=TruncDate("created_at"))
             .values("day", "model", "project__name").annotate(**TOTALS).order_by("day", "model", LAST_NULL)]

@@ -53,7 +53,7 @@ class KeyOutput(serializers.ModelSerializer):
 
 
 class DateRangeInput(serializers.Serializer):
-    """``?from=YYYY-MM-DD&to=YYYY-MM-DD``, both optional, both inclusive (UTC days)."""
+    """``?from=YYYY-MM-DD&to=YYYY-MM-DD``, both optional, both inclusive (days in the site's TIME_ZONE)."""
 
     to = serializers.DateField(required=False, input_formats=["%Y-%m-%d"])
 

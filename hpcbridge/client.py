@@ -163,6 +163,11 @@ class Connection:
                 pass
 
 
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Platform:
     def __init__(self, cfg: PlatformConfig, opener: Callable[[PlatformConfig], Link] = open_link) -> None:
         self.cfg = cfg
@@ -176,6 +181,9 @@ class Platform:
         self.last_error = ""
         self.connecting = False
         self.ever_connected = threading.Event()
+        # Requests sent while the first link comes up: (loop, future) in arrival order, woken in that
+        # order when it is up (each waiting in a thread of its own woke in any order).
+        self.starters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.thread: threading.Thread | None = None
         self.want_more = False
 
@@ -235,6 +243,13 @@ class Platform:
         self.failures, self.last_error, self.next_attempt = 0, "", 0.0
         self.ever_connected.set()
         log.info("%s: connected (%d connection(s))", self.cfg.name, len(self.connections))
+        with self.lock:
+            starters, self.starters = self.starters, []
+        for loop, waiter in starters:
+            try:
+                loop.call_soon_threadsafe(_settle, waiter)
+            except RuntimeError:  # that request's event loop is closed
+                pass
 
     def _supervise(self) -> None:
         last_ping = 0.0
@@ -265,9 +280,9 @@ class Platform:
     async def _pick(self) -> Connection:
         alive = [c for c in self.connections if c.alive]
         if not alive and not self.ever_connected.is_set() and (self.connecting or self.next_attempt == 0.0):
-            # Starting up: give the first connection its chance instead of failing at once,
-            # waiting in a thread so that the event loop goes on serving everyone else.
-            await asyncio.to_thread(self.ever_connected.wait, self.cfg.connect_timeout)
+            # Starting up: give the first connection its chance instead of failing at once, without
+            # blocking the event loop; requests waiting together go out in the order they came.
+            await self._first_link()
             alive = [c for c in self.connections if c.alive]
         if not alive:
             retry = max(1.0, round(self.next_attempt - time.monotonic(), 1))
@@ -278,6 +293,24 @@ class Platform:
             self.want_more = True
             self.wake.set()
         return conn
+
+    async def _first_link(self) -> None:
+        """Wait up to connect_timeout for the first link (woken by ``_connect_one``, in arrival order)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        entry = (loop, waiter)
+        with self.lock:  # checked under the lock that _connect_one empties the list under
+            if self.ever_connected.is_set():
+                return
+            self.starters.append(entry)
+        try:
+            await asyncio.wait_for(waiter, self.cfg.connect_timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self.lock:
+                if entry in self.starters:
+                    self.starters.remove(entry)
 
     async def stream(self, method: str, path: str, model: str = "", headers: dict[str, str] | None = None,
                      body: bytes = b"") -> AsyncIterator[Event]:

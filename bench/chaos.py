@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from loadgen import step  # noqa: E402
 
+from chatai.management.commands.embedded import SMOLLM2_VLLM_ARGS  # noqa: E402
 from tests.harness.accounts import ensure_functional_account  # noqa: E402
 from tests.test_faults_live import ASK, DELAY, REPEAT, SENTENCE, Stack, build_stack  # noqa: E402
 
@@ -230,7 +231,8 @@ def vllm_run(args: argparse.Namespace, account: Any, deployment: Path) -> dict[s
         h = Hpcside(deployment, account, cluster)
         h.write_config("\n".join([
             "[service:smollm2]", "model = SmolLM2-135M-Instruct", "template = vllm-cpu", f"model_path = {model_dir}",
-            "max_model_len = 2048", "cpus = 2", "min_instances = 1", "max_instances = 1", "walltime = 30m",
+            f"vllm_args = {SMOLLM2_VLLM_ARGS}", "max_model_len = 2048", "cpus = 2", "min_instances = 1",
+            "max_instances = 1", "walltime = 30m",
             "renewal_margin = 5m", "readiness_timeout = 5m"]) + "\n", python=str(python), hold_timeout="5m",
             probe_timeout="2s")
         try:

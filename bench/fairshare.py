@@ -60,6 +60,7 @@ import aiohttp  # noqa: E402
 import redis  # noqa: E402
 from loadgen import step  # noqa: E402
 
+from chatai.management.commands.embedded import SMOLLM2_VLLM_ARGS  # noqa: E402
 from tests.live import LiveApp, stub_service  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -113,7 +114,8 @@ def vllm_backend(inflight: int) -> Backend | None:
         return None
     section = "\n".join([
         "[service:smollm2]", f"model = {REAL}", "template = vllm-cpu", f"model_path = {model_dir}",
-        "max_model_len = 2048", "cpus = 2", "min_instances = 1", "max_instances = 1", f"max_inflight = {inflight}",
+        f"vllm_args = {SMOLLM2_VLLM_ARGS}", "max_model_len = 2048", "cpus = 2", "min_instances = 1",
+        "max_instances = 1", f"max_inflight = {inflight}",
         "walltime = 1h", "renewal_margin = 5m", "readiness_timeout = 5m", "idle_timeout = 1h"]) + "\n"
     return Backend("vllm", REAL, section,
                    {"messages": [{"role": "user", "content": "Tell me a long story about Paris."}],

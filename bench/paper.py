@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import aiohttp  # noqa: E402
 from loadgen import LITELLM_KEY, ensure_tools, load, median_of, start_litellm, step, wrk  # noqa: E402
 
+from chatai.management.commands.embedded import SMOLLM2_VLLM_ARGS  # noqa: E402
 from hpcbridge.client import Platform  # noqa: E402
 from hpcbridge.config import PlatformConfig  # noqa: E402
 from tests.conftest import Hpcside  # noqa: E402
@@ -132,6 +133,7 @@ class Stack:
         self.h = h = Hpcside(self.deployment, self.account, self.cluster)
         services = "\n".join([
             f"[service:real]\nmodel = {REAL}\ntemplate = vllm-cpu\nmodel_path = {MODEL_DIR}\nmax_model_len = 2048",
+            f"vllm_args = {SMOLLM2_VLLM_ARGS}",
             "cpus = 2\nmin_instances = 1\nwalltime = 2h\nrenewal_margin = 10m\nreadiness_timeout = 5m\n",
             # The hop is measured, not admission: no cap below the highest concurrency (docs/hpcside.md).
             stub_service("fast", FAST, min_instances=1, template=self.deployment / "stub.sh",

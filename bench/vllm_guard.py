@@ -35,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from chatai.management.commands.embedded import SMOLLM2_VLLM_ARGS  # noqa: E402
 from hpcside.templates import install_guard  # noqa: E402
 from hpcside.vllm_guard import TokenGuard  # noqa: E402
 
@@ -67,7 +68,7 @@ def start_vllm(python: Path, model: Path, port: int, token: str, guard_dir: Path
     argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL, "--max-model-len", "2048",
             "--enforce-eager", "--distributed-executor-backend", "uni", "--no-enable-log-requests",
-            "--disable-uvicorn-access-log"]
+            "--disable-uvicorn-access-log", *SMOLLM2_VLLM_ARGS.split()]
     if guarded:
         argv += ["--middleware", "hpcside_vllm_guard.TokenGuard"]
     with open(log, "wb") as out:

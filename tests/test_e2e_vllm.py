@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from chatai.management.commands.embedded import SMOLLM2_VLLM_ARGS
 from tests.conftest import Hpcside
 from tests.harness.slurm import SlurmCluster
 from tests.harness.sshd import SSHServer
@@ -49,8 +50,8 @@ def stack(slurm1: SlurmCluster, hpcside_on: Callable[[SlurmCluster | None], Hpcs
     h = hpcside_on(slurm1)
     section = "\n".join([
         "[service:smollm2]", f"model = {MODEL}", "template = vllm-cpu", f"model_path = {model_dir}",
-        "max_model_len = 2048", "cpus = 2", "min_instances = 0", "max_instances = 1",
-        "walltime = 30m", "renewal_margin = 5m", "readiness_timeout = 5m", "idle_timeout = 30m",
+        f"vllm_args = {SMOLLM2_VLLM_ARGS}", "max_model_len = 2048", "cpus = 2", "min_instances = 0",
+        "max_instances = 1", "walltime = 30m", "renewal_margin = 5m", "readiness_timeout = 5m", "idle_timeout = 30m",
         "unhealthy_grace = 30s",
     ]) + "\n"
     h.write_config(section, python=python, hold_timeout="5m", probe_timeout="2s")

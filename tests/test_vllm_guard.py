@@ -24,7 +24,7 @@ from hpcside.config import load
 from hpcside.launchers import LocalLauncher
 from hpcside.reconcile import Scheduler
 from hpcside.state import read_json
-from tests.test_e2e_vllm import runtime
+from tests.test_e2e_vllm import SMOLLM2_VLLM_ARGS, runtime
 
 pytestmark = pytest.mark.vllm
 
@@ -40,7 +40,8 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         "[hpcside]", f"state_dir = {state}", "launcher = local", "min_interval = 0", "probe_timeout = 2s",
         f"python = {python}", "bind_host = 127.0.0.1", "endpoint_host = 127.0.0.1", "job_prefix = guardtest", "",
         "[service:smol]", f"model = {MODEL}", "template = vllm-cpu", f"model_path = {model_dir}",
-        "max_model_len = 2048", "cpus = 2", "min_instances = 1", "max_instances = 1", "walltime = 30m",
+        f"vllm_args = {SMOLLM2_VLLM_ARGS}", "max_model_len = 2048", "cpus = 2", "min_instances = 1",
+        "max_instances = 1", "walltime = 30m",
         "renewal_margin = 5m", "readiness_timeout = 5m",
         "env = VLLM_LOGGING_LEVEL=DEBUG VLLM_DEBUG_LOG_API_SERVER_RESPONSE=true",
     ]) + "\n")

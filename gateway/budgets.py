@@ -18,7 +18,8 @@ Accounting.finish: streams, plain replies, cancelled streams' estimates, externa
 before its usage row is queued, so a rebuild never counts a row twice.
 
 Admission under concurrency: a request first holds its own prompt estimate in the subject's
-``held`` counter (atomic ``incr``), then compares used + held with the budget. Parallel requests
+``held`` counter of the current hold epoch (atomic ``incr``; HOLD_EPOCH below), then compares used +
+held (this epoch's and the previous one's) with the budget. Parallel requests
 thus see each other's prompts: of many that arrive together near the end of a budget, only those
 whose prompts fit get through. A request is refused (HTTP 429, ``insufficient_quota``) when the
 budget is used up or its prompt would cross it. What requests already running then generate is
@@ -52,6 +53,11 @@ from gateway.threads import in_thread
 log = logging.getLogger("gateway.budgets")
 ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly"}
 RESYNC = 3600  # seconds a counter lives before it is rebuilt from the database (heals any drift)
+# Holds are counted per epoch of HOLD_EPOCH seconds (wall clock, the same on every worker): a request
+# holds its prompt in the counter of the epoch it began in and gives it back there; admission sees
+# the holds of this epoch and the one before. So the hold of a request that never gave it back (its
+# worker was killed) stops counting within two epochs instead of living on in one renewed counter.
+HOLD_EPOCH = 900
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class Admission:
     allowed: bool = True
     held: int = 0  # the prompt estimate held per subject
     subjects: list[str] = field(default_factory=list)  # those holding it
+    epoch: int = 0  # the hold epoch it holds in (Budgets._held_key)
     states: list[State] = field(default_factory=list)
     refused_by: State | None = None
     done: bool = False
@@ -250,8 +257,14 @@ class Budgets:
         return f"bud:{subject}:{period}:{start:%Y%m%d}"
 
     @staticmethod
-    def _held_key(subject: str) -> str:
-        return f"bud:{subject}:held"
+    def _held_key(subject: str, epoch: int) -> str:
+        return f"bud:{subject}:held:{epoch}"
+
+    def held_sync(self, subject: str, now: dt.datetime) -> int:
+        """The prompts held by the subject's requests in flight: the counters of this hold epoch and
+        the one before (a request that began in the previous one still holds there)."""
+        epoch = int(now.timestamp()) // HOLD_EPOCH
+        return sum(max(0, int(self.cache.get(self._held_key(subject, e)) or 0)) for e in (epoch, epoch - 1))
 
     def used_sync(self, subject: str, period: str, now: dt.datetime) -> tuple[int, dt.datetime, dt.datetime]:
         """The subject's tokens in the period holding ``now`` (rebuilt from the database if the counter
@@ -264,9 +277,9 @@ class Budgets:
             value = self.cache.get(key)
         return int(value or 0), start, end
 
-    def _add(self, key: str, by: int) -> int:
+    def _add(self, key: str, by: int, ttl: int) -> int:
         for _ in range(2):
-            self.cache.add(key, 0, RESYNC)
+            self.cache.add(key, 0, ttl)
             try:
                 return int(self.cache.incr(key, by))
             except ValueError:  # expired (or the cache was lost) between add and incr
@@ -284,18 +297,18 @@ class Budgets:
         """Hold the prompt estimate in each subject, then check every budget: refused by one, nothing
         stays held. Sync."""
         subjects = sorted({a.subject for a in applied})
+        epoch = int(now.timestamp()) // HOLD_EPOCH
         held: dict[str, int] = {}
         for subject in subjects:
-            key = self._held_key(subject)
             if estimate:
-                held[subject] = self._add(key, estimate)
-                # The holds of requests still running live in this counter: it must not expire an hour
-                # after it was made, under steady traffic, and come back at 0 (their releases would then
-                # take it below the holds in flight). Each hold renews its life.
-                self.cache.touch(key, RESYNC)
+                # The value the incr returns, not a read after it: of many arriving together, each sees
+                # only those before it, so the first ones fit. The counter outlives the next epoch.
+                mine = self._add(self._held_key(subject, epoch), estimate, 3 * HOLD_EPOCH)
+                before = int(self.cache.get(self._held_key(subject, epoch - 1)) or 0)
+                held[subject] = max(0, mine) + max(0, before)
             else:
-                held[subject] = int(self.cache.get(key) or 0)
-        admission = Admission(applied, held=estimate, subjects=subjects if estimate else [])
+                held[subject] = self.held_sync(subject, now)
+        admission = Admission(applied, held=estimate, subjects=subjects if estimate else [], epoch=epoch)
         for a in applied:
             used, start, end = self.used_sync(a.subject, a.budget.period, now)
             state = State(a.budget, used, start, end)
@@ -314,7 +327,7 @@ class Budgets:
         admission.done = True
         for subject in admission.subjects:
             try:
-                self.cache.decr(self._held_key(subject), admission.held)
+                self.cache.decr(self._held_key(subject, admission.epoch), admission.held)
             except ValueError:  # the held counter expired or was lost: nothing to give back
                 pass
 

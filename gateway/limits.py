@@ -141,16 +141,6 @@ class Counters:
     def decr(self, key: str, delta: int = 1) -> int:
         return self.incr(key, -delta)
 
-    def touch(self, key: str, ttl: int) -> bool:
-        """A live key's life renewed to ``ttl`` seconds from now (Django's cache.touch)."""
-        now = time.monotonic()
-        with self.lock:
-            item = self._live(key, now)
-            if item is None:
-                return False
-            self.data[key] = (item[0], now + ttl)
-            return True
-
     def get(self, key: str, default: Any = None) -> Any:
         item = self._live(key, time.monotonic())
         return default if item is None else item[0]

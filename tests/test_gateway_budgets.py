@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -137,24 +136,25 @@ def test_a_refused_request_holds_nothing_and_an_ended_one_gives_its_hold_back(ba
     assert b.states_sync(applied, NOW)[0].used == 0
 
 
-def test_the_holds_in_flight_outlive_the_counters_first_lifetime(backend: str,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under steady traffic the counter of holds keeps living: a request admitted after the counter's
-    first lifetime still sees the prompts in flight (RESYNC shortened from an hour to 2 s)."""
-    monkeypatch.setattr(budgets_module, "RESYNC", 2)
+def test_holds_in_flight_count_across_an_epoch_and_a_lost_one_stops_counting(backend: str) -> None:
+    """A request that began in the previous hold epoch still holds its prompt; the hold of one that
+    never gave it back (its worker was killed) stops counting two epochs on: it lived on for ever in a
+    counter each new hold renewed, and enough of them locked the budget with tokens unspent."""
     b = engine(backend)
     dora = User.objects.create(username="dora")
     Budget.objects.create(name="dora", user=dora, tokens=100)
     applied = applying(Who(dora))
-    first = b.admit_sync(applied, 60, NOW)
-    time.sleep(1.2)
-    second = b.admit_sync(applied, 30, NOW)
-    assert first.allowed and second.allowed
-    time.sleep(1.2)  # past the counter's first lifetime, not past the last hold's
-    assert not b.admit_sync(applied, 30, NOW).allowed  # 60 + 30 held: 30 more would cross 100
-    b.settle_sync(first, 0, NOW)
-    b.settle_sync(second, 0, NOW)
-    assert b.admit_sync(applied, 100, NOW).allowed
+    epoch = dt.timedelta(seconds=budgets_module.HOLD_EPOCH)
+    start = NOW.replace(minute=0, second=0, microsecond=0)  # the first second of an epoch
+    running = b.admit_sync(applied, 60, start)
+    lost = b.admit_sync(applied, 30, start)  # its worker is killed: never settled
+    assert running.allowed and lost.allowed
+    assert not b.admit_sync(applied, 30, start + epoch).allowed  # the next epoch: 90 still held
+    b.settle_sync(running, 0, start + epoch)  # gives back where it held
+    later = b.admit_sync(applied, 70, start + epoch)
+    assert later.allowed  # 30 (the lost one) + 70 fit
+    b.settle_sync(later, 0, start + epoch)
+    assert b.admit_sync(applied, 100, start + 2 * epoch).allowed is True  # the lost hold counts no more
 
 
 def test_a_group_budget_counts_each_member_alone_and_a_project_budget_counts_all(backend: str) -> None:

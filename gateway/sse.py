@@ -85,12 +85,33 @@ def estimate_tokens(chars: int) -> int:
     return -(-chars // CHARS_PER_TOKEN)
 
 
+# Tokens one request may report: more than any model's context. A larger figure is not a count.
+MAX_REPORTED_TOKENS = 10_000_000
+
+
+def reported_count(value: Any) -> int | None:
+    """A token count from an upstream's usage: a whole number from 0 to MAX_REPORTED_TOKENS (an
+    absent or null field is 0); None for anything else (negative, huge, a string, NaN, a bool)."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPORTED_TOKENS:
+        return None
+    return value
+
+
 def charged_tokens(tally: Tally, accepted: bool, prompt_estimate: int) -> tuple[int, int]:
-    """(prompt, completion) tokens to charge. The upstream's usage if it sent one; else, for a reply
-    the model accepted, the prompt's estimate and the larger of the streamed chunks that carried
-    text and the streamed characters / 4; else nothing."""
+    """(prompt, completion) tokens to charge. The upstream's usage if it sent one that holds counts;
+    else, for a reply the model accepted, the prompt's estimate and the larger of the streamed chunks
+    that carried text and the streamed characters / 4; else nothing. An external provider's usage is
+    a third party's word: figures that are not counts (3e9, -1, "12x") would have broken the usage
+    row's column and stalled the writer, or raised here and kept the request's slot and budget hold."""
     if tally.usage is not None:
-        return int(tally.usage.get("prompt_tokens") or 0), int(tally.usage.get("completion_tokens") or 0)
+        prompt = reported_count(tally.usage.get("prompt_tokens"))
+        completion = reported_count(tally.usage.get("completion_tokens"))
+        if prompt is not None and completion is not None:
+            return prompt, completion
     if accepted:
         return prompt_estimate, max(tally.chunks, estimate_tokens(tally.chars))
     return 0, 0

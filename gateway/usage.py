@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, close_old_connections
+from django.db import DataError, IntegrityError, close_old_connections
 from django.db.models import Model
 
 from gateway.models import ApiKey, Project, UsageRecord
@@ -66,13 +66,14 @@ class UsageWriter:
             try:
                 try:
                     UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)
-                except IntegrityError:
+                except (IntegrityError, DataError):
                     # A row names a user, key or project deleted since its request began (staff deleted
                     # a project while its member's stream ran): retried as is, the batch and every later
                     # one would fail for ever. Such a row gets NULL there, as the deletion gives the rows
-                    # already written (SET_NULL).
+                    # already written (SET_NULL). A row the database refuses for another reason (a
+                    # count out of its column's range) is left out alone, the rest written.
                     _forget_deleted(batch)
-                    UsageRecord.objects.bulk_create([UsageRecord(**row) for row in batch], batch_size=500)
+                    _write_each(batch)
             except Exception as exc:  # the database is down: keep the rows for the next flush
                 log.warning("usage: could not write %d rows (%s); will retry", len(batch), type(exc).__name__)
                 with self.lock:
@@ -112,6 +113,19 @@ class UsageWriter:
                 self._write(batch)
             except Exception:  # noqa: BLE001 - nothing more can be done at exit
                 log.error("usage: %d rows lost at exit", len(batch))
+
+
+def _write_each(batch: list[dict[str, Any]]) -> None:
+    """Write the rows one by one, leaving out (and logging, without content: rows hold none) those the
+    database refuses; an unreachable database still raises, for the batch to be kept and retried."""
+    refused = 0
+    for row in batch:
+        try:
+            UsageRecord.objects.create(**row)
+        except (IntegrityError, DataError):
+            refused += 1
+    if refused:
+        log.error("usage: the database refused %d of %d rows; they are left out", refused, len(batch))
 
 
 # The usage row's references, each nullable with SET_NULL: the model behind each column.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 import uuid
@@ -36,6 +37,7 @@ from hpcbridge import failover
 from hpcbridge.registry import get_bridge
 
 UTF8_OBJECT = re.compile(rb"[ \t\r\n]*\{")  # a body hpcside can put the priority into as it is
+log = logging.getLogger("gateway.views")
 ENDPOINTS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 
 
@@ -124,9 +126,18 @@ class Accounting:
         await asyncio.shield(asyncio.ensure_future(self._charge(status, prompt, completion)))
 
     async def _charge(self, status: int, prompt: int, completion: int) -> None:
-        await limiter.release_all(self.slots, prompt + completion, self.lease)
+        """Each step on its own: a cache that fails (Redis restarting) must not cost the usage row,
+        which budgets, fair share and the charge-back are rebuilt from (and a parallel slot or hold
+        that cannot be given back now expires by itself)."""
+        try:
+            await limiter.release_all(self.slots, prompt + completion, self.lease)
+        except Exception as exc:  # noqa: BLE001 - logged, and the lease expires
+            log.warning("accounting: parallel slot not released (%s)", type(exc).__name__)
         now = timezone.now()
-        await budgets.settle(self.budget, prompt + completion, now)  # before its row is queued
+        try:
+            await budgets.settle(self.budget, prompt + completion, now)  # before its row is queued
+        except Exception as exc:  # noqa: BLE001 - the row below is what the next rebuild counts
+            log.warning("accounting: budget not counted in the cache (%s)", type(exc).__name__)
         writer.add({
             "user_id": self.user.pk, "api_key_id": self.key.pk if self.key is not None else None,
             "model": self.model, "endpoint": self.kind, "status": status, "prompt_tokens": prompt,
@@ -134,7 +145,10 @@ class Accounting:
             "duration_ms": int((time.monotonic() - self.started) * 1000), "created_at": now,
             "project_id": self.project.id if self.project is not None else None,
             "platform": self.platform[:100], "instance": self.instance[:100]})
-        await self._fair_usage(prompt + completion)
+        try:
+            await self._fair_usage(prompt + completion)
+        except Exception as exc:  # noqa: BLE001 - one request's weight in fair share, no more
+            log.warning("accounting: fair-share usage not recorded (%s)", type(exc).__name__)
 
     def fair_share_due(self) -> bool:
         """Whether a running stream's tokens so far are due in the fair-share usage (every RECORD_EVERY s)."""
@@ -244,9 +258,10 @@ async def forward(entry: registry.ModelEntry, kind: str, data: dict[str, Any], r
     accounted here when it ends here (refused, failed, not streamed), else when the stream ends."""
     stream = bool(data.get("stream"))
     request_id = uuid.uuid4().hex
-    events = open_events(entry, kind, data, raw, request_id, acct.priority)
+    events: Any = None
     ended: int | None = 499  # the status to account if the request ends here (499: the client left)
     try:
+        events = open_events(entry, kind, data, raw, request_id, acct.priority)
         first = await events.__anext__()
         if isinstance(first, Progress):
             metrics.HELD.labels(acct.model).inc()
@@ -279,8 +294,16 @@ async def forward(entry: registry.ModelEntry, kind: str, data: dict[str, Any], r
     except StopAsyncIteration:
         ended = 502
         raise ApiError(502, "The model server closed the response without answering.", code="upstream_error") from None
-    except BaseException:
-        await events.aclose()  # type: ignore[attr-defined]
+    except BaseException as exc:
+        if events is None:  # not even opened (the platforms' settings are broken): nothing was sent
+            ended = 500
+        else:
+            if entry.provider is not None and isinstance(exc, asyncio.CancelledError):
+                # The client left before the answer began (a plain request's timeout, say): an external
+                # provider does, and bills, the work all the same. Its prompt is charged (the reply's
+                # length is unknown); a platform's vLLM stops at the cancel.
+                acct.accepted = True
+            await events.aclose()
         raise
     finally:
         if ended is not None:

@@ -219,3 +219,24 @@ def test_a_counter_lost_from_the_cache_is_rebuilt_from_the_database(app: LiveApp
     assert chat(app, key)[0] == 200
     time.sleep(0.1)
     assert budget_used(app, key) == db_tokens(app, "climate", rows + 1)
+
+
+def test_a_plain_request_whose_client_leaves_before_the_answer_is_charged_its_prompt(app: LiveApp) -> None:
+    """A plain request to an external provider whose client times out: the provider does (and bills)
+    the work all the same, and the official client retries twice; each was charged nothing."""
+    app.create_user("eve")
+    key = app.create_key("eve")
+    conn = http.client.HTTPConnection("127.0.0.1", app.ports[0], timeout=1)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"model": "ext-model", "messages": ASK, "stub_delay": 0.05, "stub_repeat": 200}),  # a 10 s answer
+        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    conn.close()
+    out = app.shell("import time\nfrom gateway.models import UsageRecord\n"
+                    "q = UsageRecord.objects.filter(user__username='eve')\n"
+                    "for _ in range(150):\n"
+                    "    if q.exists(): break\n"
+                    "    time.sleep(0.1)\n"
+                    "print(list(q.values_list('status', 'prompt_tokens', 'completion_tokens')))")
+    assert out.strip().splitlines()[-1] == "[(499, 8, 0)]", out  # the prompt's estimate, as the 429 above says

@@ -116,4 +116,51 @@ def test_a_request_that_fails_before_it_is_forwarded_gives_back_its_budget_hold_
     for _ in range(2):  # the second would find the one parallel slot taken if the first kept it
         with pytest.raises(ConnectionError):
             post(body, key)
-    assert int(budgets_module.budgets.cache.get(f"bud:u{user.pk}:held") or 0) == 0  # no prompt left held
+    assert budgets_module.budgets.held_sync(f"u{user.pk}", timezone.now()) == 0  # no prompt left held
+
+
+def test_a_cache_failing_at_the_end_of_a_request_costs_no_usage_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis restarting as a request ends: its parallel slot and budget count cannot be settled, but its
+    usage row (what budgets, fair share and the charge-back are rebuilt from) is still queued; it was
+    lost with the exception, and a plain reply became a 500."""
+    from gateway import views
+    from gateway.models import ModelOverlay, UsageRecord
+    from gateway.usage import writer
+
+    user = User.objects.create(username="gus")
+    ModelOverlay.objects.create(model_id="ext", external_base_url="http://127.0.0.1:9/v1", external_model="x")
+    key = keys.api_key_create(user=user, name="k")[1]
+
+    async def cache_down(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionError("the cache is down")
+
+    monkeypatch.setattr(views.limiter, "release_all", cache_down)
+    monkeypatch.setattr(views.budgets, "settle", cache_down)
+    monkeypatch.setattr(views.fairshare, "record", cache_down)
+    response = post(json.dumps({"model": "ext", "messages": ASK}).encode(), key)
+    assert response.status_code == 502, response.content  # nothing listens on port 9: the provider's error
+    writer.flush_sync()
+    assert list(UsageRecord.objects.filter(user=user).values_list("status", "model")) == [(502, "ext")]
+
+
+def test_a_request_whose_upstream_cannot_even_be_opened_gives_back_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_events raising (the platforms' settings broken) skipped the accounting: the parallel slot
+    stayed taken (renewed for the worker's life) and the user was locked out after that many tries."""
+    from gateway import views
+    from gateway.models import ModelOverlay, RateLimitPolicy, UsageRecord
+    from gateway.usage import writer
+
+    user = User.objects.create(username="hal")
+    RateLimitPolicy.objects.create(name="one at a time", user=user, parallel_streams=1)
+    ModelOverlay.objects.create(model_id="ext", external_base_url="http://127.0.0.1:9/v1", external_model="x")
+    key = keys.api_key_create(user=user, name="k")[1]
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("HPC_PLATFORMS cannot be read")
+
+    monkeypatch.setattr(views, "open_events", broken)
+    for _ in range(2):  # the second found the one parallel slot taken (429)
+        with pytest.raises(RuntimeError):
+            post(json.dumps({"model": "ext", "messages": ASK}).encode(), key)
+    writer.flush_sync()
+    assert list(UsageRecord.objects.filter(user=user).values_list("status", flat=True)) == [500, 500]

@@ -125,6 +125,23 @@ def test_usage_decides_what_is_charged_when_upstream_sent_it() -> None:
     assert sse.charged_tokens(tally, accepted=True, prompt_estimate=99) == (7, 3)
 
 
+@pytest.mark.parametrize("figure", [-1, 3_000_000_000, "12x", "7", float("inf"), float("nan"), 2.5, True, [7], {}])
+def test_usage_figures_that_are_not_counts_are_charged_by_the_estimate(figure: Any) -> None:
+    """An external provider's usage is a third party's word: -1 or 3e9 broke the usage row's column
+    and stalled the writer, "12x" or infinity raised in the accounting and kept the request's slot."""
+    tally = sse.Tally(usage={"prompt_tokens": 7, "completion_tokens": figure}, chunks=3, chars=30)
+    assert sse.charged_tokens(tally, accepted=True, prompt_estimate=12) == (12, 8)
+    assert sse.charged_tokens(tally, accepted=False, prompt_estimate=12) == (0, 0)
+
+
+def test_usage_figures_that_are_counts_are_taken() -> None:
+    for usage, charged in [({"prompt_tokens": 7.0, "completion_tokens": 0}, (7, 0)),
+                           ({"prompt_tokens": None, "completion_tokens": 3}, (0, 3)), ({}, (0, 0)),
+                           ({"prompt_tokens": sse.MAX_REPORTED_TOKENS, "completion_tokens": 1},
+                            (sse.MAX_REPORTED_TOKENS, 1))]:
+        assert sse.charged_tokens(sse.Tally(usage=usage, chunks=3, chars=30), True, 12) == charged
+
+
 def test_a_reply_cut_before_its_usage_is_charged_an_estimate() -> None:
     # 10 chunks of 2 characters: 10 chunks beat 20 / 4 = 5 tokens; 30 characters in 3 chunks: 8 tokens.
     assert sse.charged_tokens(sse.Tally(chunks=10, chars=20), accepted=True, prompt_estimate=12) == (12, 10)

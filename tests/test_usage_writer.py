@@ -1,6 +1,7 @@
 """The usage writer (gateway/usage.py) against the test database: a row that names a project, user or
 key deleted while its request ran is written with NULL there, as the deletion gives the rows already
-written, instead of failing its batch and every later one for ever. On SQLite, and again on PostgreSQL
+written, and a row the database refuses is left out alone, instead of failing its batch and every
+later one for ever. On SQLite, and again on PostgreSQL
 in a child pytest (both check foreign keys when the batch commits)."""
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def test_a_row_naming_what_was_deleted_meanwhile_is_written_without_it_and_block
     w.pending = [row(ann, None, kept, 4)]  # the next batch is not held up by anything left over
     w._write(w._take())
     assert UsageRecord.objects.count() == 4
+
+
+def test_a_row_the_database_refuses_is_left_out_alone_and_blocks_nothing() -> None:
+    """A count out of its column's range (an external provider's usage of -1 or 3e9): the batch failed
+    and was put back in front of every later one, so that worker wrote no usage row again."""
+    ann = User.objects.create(username="ann")
+    w = UsageWriter()
+    w.pending = [row(ann, None, None, 1), row(ann, None, None, -1), row(ann, None, None, 3_000_000_000),
+                 row(ann, None, None, 2)]
+    w._write(w._take())
+    fits = [1, 2] if connection.vendor == "postgresql" else [1, 2, 3_000_000_000]  # SQLite has no int4
+    assert sorted(UsageRecord.objects.values_list("prompt_tokens", flat=True)) == fits
+    assert w.pending == [] and w.writing == []
+    w.pending = [row(ann, None, None, 3)]
+    w._write(w._take())
+    assert UsageRecord.objects.count() == len(fits) + 1
 
 
 def test_the_database_checked_is_the_one_asked_for() -> None:

@@ -123,7 +123,7 @@ def test_a_cache_failing_at_the_end_of_a_request_costs_no_usage_row(monkeypatch:
     """Redis restarting as a request ends: its parallel slot and budget count cannot be settled, but its
     usage row (what budgets, fair share and the charge-back are rebuilt from) is still queued; it was
     lost with the exception, and a plain reply became a 500."""
-    from gateway import views
+    from gateway import external, views
     from gateway.models import ModelOverlay, UsageRecord
     from gateway.usage import writer
 
@@ -137,7 +137,14 @@ def test_a_cache_failing_at_the_end_of_a_request_costs_no_usage_row(monkeypatch:
     monkeypatch.setattr(views.limiter, "release_all", cache_down)
     monkeypatch.setattr(views.budgets, "settle", cache_down)
     monkeypatch.setattr(views.fairshare, "record", cache_down)
-    response = post(json.dumps({"model": "ext", "messages": ASK}).encode(), key)
+    async def ask() -> Any:
+        try:
+            return await client().post("/v1/chat/completions", json.dumps({"model": "ext", "messages": ASK}),
+                                       content_type="application/json", headers={"Authorization": f"Bearer {key}"})
+        finally:
+            await external.session().close()  # this loop's pool, before the loop goes
+
+    response = async_to_sync(ask)()
     assert response.status_code == 502, response.content  # nothing listens on port 9: the provider's error
     writer.flush_sync()
     assert list(UsageRecord.objects.filter(user=user).values_list("status", "model")) == [(502, "ext")]

@@ -31,6 +31,7 @@ would have to be held); the parallel-streams limit bounds how many can be in fli
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
@@ -242,6 +243,9 @@ def usage_in_database(subject: str, start: dt.datetime, end: dt.datetime) -> int
     return written + _row_tokens(unwritten, subject, start, end)
 
 
+_giving_back: set[asyncio.Future[None]] = set()
+
+
 class Budgets:
     """Budget counters in a Django cache (Counters in process for local memory). Sync methods run in
     one worker-thread hop per request; the clock is swappable and every method takes an explicit
@@ -370,7 +374,20 @@ class Budgets:
         applied = await self._applying(caller)
         if not applied:
             return Admission()
-        return await in_thread(self.admit_sync, applied, estimate, now or self.clock())
+        taking = asyncio.ensure_future(in_thread(self.admit_sync, applied, estimate, now or self.clock()))
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # The client left while the hold was being taken in the thread: give it back once taken,
+            # or it would count against the budget until its epoch passed.
+            taking.add_done_callback(self._give_back_taken)
+            raise
+
+    def _give_back_taken(self, taking: asyncio.Future[Admission]) -> None:
+        if not taking.cancelled() and taking.exception() is None and taking.result().subjects:
+            task = asyncio.ensure_future(self.release(taking.result()))
+            _giving_back.add(task)  # kept until done (the loop holds tasks only weakly)
+            task.add_done_callback(_giving_back.discard)
 
     async def release(self, admission: Admission) -> None:
         if admission.subjects and not admission.done:

@@ -4,8 +4,10 @@ the test database, with the counters in process and on the real Redis. The whole
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
+import time
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -155,6 +157,35 @@ def test_holds_in_flight_count_across_an_epoch_and_a_lost_one_stops_counting(bac
     assert later.allowed  # 30 (the lost one) + 70 fit
     b.settle_sync(later, 0, start + epoch)
     assert b.admit_sync(applied, 100, start + 2 * epoch).allowed is True  # the lost hold counts no more
+
+
+def test_a_request_cancelled_while_its_hold_is_taken_gives_it_back(backend: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client leaves while the hold is being taken in a worker thread: the thread goes on and takes
+    it, and nobody gave it back (it counted until its epoch passed)."""
+    b = engine(backend)
+    ida = User.objects.create(username="ida")
+    Budget.objects.create(name="ida", user=ida, tokens=100)
+    who = Who(ida)
+    applying(who)  # the budget table loaded outside the event loop
+    taking = b.admit_sync
+
+    def slow(*args: Any) -> Any:
+        time.sleep(0.3)
+        return taking(*args)
+
+    monkeypatch.setattr(b, "admit_sync", slow)
+
+    async def leave_while_taking() -> None:
+        task = asyncio.ensure_future(b.admit(who, 60, NOW))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)  # the thread ends, then the hold is given back
+
+    asyncio.run(leave_while_taking())
+    assert b.held_sync(f"u{ida.pk}", NOW) == 0
 
 
 def test_a_group_budget_counts_each_member_alone_and_a_project_budget_counts_all(backend: str) -> None:

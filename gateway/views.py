@@ -259,6 +259,7 @@ async def forward(entry: registry.ModelEntry, kind: str, data: dict[str, Any], r
     stream = bool(data.get("stream"))
     request_id = uuid.uuid4().hex
     events: Any = None
+    first: Any = None
     ended: int | None = 499  # the status to account if the request ends here (499: the client left)
     try:
         events = open_events(entry, kind, data, raw, request_id, acct.priority)
@@ -298,7 +299,7 @@ async def forward(entry: registry.ModelEntry, kind: str, data: dict[str, Any], r
         if events is None:  # not even opened (the platforms' settings are broken): nothing was sent
             ended = 500
         else:
-            if entry.provider is not None and isinstance(exc, asyncio.CancelledError):
+            if entry.provider is not None and isinstance(exc, asyncio.CancelledError) and not isinstance(first, Head):
                 # The client left before the answer began (a plain request's timeout, say): an external
                 # provider does, and bills, the work all the same. Its prompt is charged (the reply's
                 # length is unknown); a platform's vLLM stops at the cancel.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
-import time
 import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -168,21 +167,30 @@ def test_a_request_cancelled_while_its_hold_is_taken_gives_it_back(backend: str,
     Budget.objects.create(name="ida", user=ida, tokens=100)
     who = Who(ida)
     applying(who)  # the budget table loaded outside the event loop
-    taking = b.admit_sync
+    taking, started, go_on, taken = b.admit_sync, threading.Event(), threading.Event(), threading.Event()
 
     def slow(*args: Any) -> Any:
-        time.sleep(0.3)
-        return taking(*args)
+        started.set()
+        go_on.wait(10)  # until the caller has been cancelled
+        try:
+            return taking(*args)
+        finally:
+            taken.set()
 
     monkeypatch.setattr(b, "admit_sync", slow)
 
     async def leave_while_taking() -> None:
         task = asyncio.ensure_future(b.admit(who, 60, NOW))
-        await asyncio.sleep(0.1)
+        while not started.is_set():
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.6)  # the thread ends, then the hold is given back
+        go_on.set()  # the thread takes the hold now, after its caller left
+        for _ in range(500):  # then the hold is given back
+            if taken.is_set() and b.held_sync(f"u{ida.pk}", NOW) == 0 and not budgets_module._giving_back:
+                break
+            await asyncio.sleep(0.01)
 
     asyncio.run(leave_while_taking())
     assert b.held_sync(f"u{ida.pk}", NOW) == 0

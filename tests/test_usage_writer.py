@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from gateway import keys
@@ -66,6 +66,31 @@ def test_a_row_the_database_refuses_is_left_out_alone_and_blocks_nothing() -> No
     w.pending = [row(ann, None, None, 3)]
     w._write(w._take())
     assert UsageRecord.objects.count() == len(fits) + 1
+
+
+def test_an_outage_half_way_through_the_rows_one_by_one_writes_none_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database goes away while the rows of a refused batch are written one by one: only the rows
+    not yet written are kept for the next flush (the whole batch was, and the first ones were written
+    twice, their tokens charged twice)."""
+    ann = User.objects.create(username="ann")
+    w = UsageWriter()
+    w.pending = [row(ann, None, None, -1), row(ann, None, None, 1), row(ann, None, None, 2), row(ann, None, None, 3)]
+    create = UsageRecord.objects.create
+    calls = {"n": 0}
+
+    def failing_third(**fields: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:  # -1 refused (and tried again), 1 written, then the database is gone
+            raise OperationalError("server closed the connection unexpectedly")
+        return create(**fields)
+
+    monkeypatch.setattr(UsageRecord.objects, "create", failing_third)
+    with pytest.raises(OperationalError):
+        w._write(w._take())
+    assert [r["prompt_tokens"] for r in w.pending] == [2, 3] and w.writing == []
+    monkeypatch.undo()
+    w._write(w._take())
+    assert sorted(UsageRecord.objects.values_list("prompt_tokens", flat=True)) == [1, 2, 3]
 
 
 def test_the_database_checked_is_the_one_asked_for() -> None:

@@ -246,6 +246,11 @@ def usage_in_database(subject: str, start: dt.datetime, end: dt.datetime) -> int
 _giving_back: set[asyncio.Future[None]] = set()
 
 
+def hold_epoch(now: dt.datetime) -> int:
+    """The hold epoch holding ``now`` (HOLD_EPOCH)."""
+    return int(now.timestamp()) // HOLD_EPOCH
+
+
 class Budgets:
     """Budget counters in a Django cache (Counters in process for local memory). Sync methods run in
     one worker-thread hop per request; the clock is swappable and every method takes an explicit
@@ -264,11 +269,14 @@ class Budgets:
     def _held_key(subject: str, epoch: int) -> str:
         return f"bud:{subject}:held:{epoch}"
 
+    def _held_in(self, subject: str, epoch: int) -> int:
+        return max(0, int(self.cache.get(self._held_key(subject, epoch)) or 0))
+
     def held_sync(self, subject: str, now: dt.datetime) -> int:
         """The prompts held by the subject's requests in flight: the counters of this hold epoch and
         the one before (a request that began in the previous one still holds there)."""
-        epoch = int(now.timestamp()) // HOLD_EPOCH
-        return sum(max(0, int(self.cache.get(self._held_key(subject, e)) or 0)) for e in (epoch, epoch - 1))
+        epoch = hold_epoch(now)
+        return self._held_in(subject, epoch) + self._held_in(subject, epoch - 1)
 
     def used_sync(self, subject: str, period: str, now: dt.datetime) -> tuple[int, dt.datetime, dt.datetime]:
         """The subject's tokens in the period holding ``now`` (rebuilt from the database if the counter
@@ -301,15 +309,14 @@ class Budgets:
         """Hold the prompt estimate in each subject, then check every budget: refused by one, nothing
         stays held. Sync."""
         subjects = sorted({a.subject for a in applied})
-        epoch = int(now.timestamp()) // HOLD_EPOCH
+        epoch = hold_epoch(now)
         held: dict[str, int] = {}
         for subject in subjects:
             if estimate:
                 # The value the incr returns, not a read after it: of many arriving together, each sees
                 # only those before it, so the first ones fit. The counter outlives the next epoch.
                 mine = self._add(self._held_key(subject, epoch), estimate, 3 * HOLD_EPOCH)
-                before = int(self.cache.get(self._held_key(subject, epoch - 1)) or 0)
-                held[subject] = max(0, mine) + max(0, before)
+                held[subject] = max(0, mine) + self._held_in(subject, epoch - 1)
             else:
                 held[subject] = self.held_sync(subject, now)
         admission = Admission(applied, held=estimate, subjects=subjects if estimate else [], epoch=epoch)

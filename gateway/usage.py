@@ -119,20 +119,22 @@ def _write_each(batch: list[dict[str, Any]]) -> None:
     """Write the rows one by one, each leaving ``batch`` (in place) once written or refused, leaving out
     (and logging, without content: rows hold none) those the database refuses. An unreachable database
     still raises, with only the rows not yet written left in ``batch`` to be kept and retried."""
-    refused, total = 0, len(batch)
-    while batch:
-        row = batch[0]
-        try:
-            UsageRecord.objects.create(**row)
-        except (IntegrityError, DataError):
-            _forget_deleted([row])  # deleted since the batch was checked: once more without it
+    refused = done = 0
+    try:
+        for row in batch:
             try:
                 UsageRecord.objects.create(**row)
             except (IntegrityError, DataError):
-                refused += 1
-        del batch[0]
-    if refused:
-        log.error("usage: the database refused %d of %d rows; they are left out", refused, total)
+                _forget_deleted([row])  # deleted since the batch was checked: once more without it
+                try:
+                    UsageRecord.objects.create(**row)
+                except (IntegrityError, DataError):
+                    refused += 1
+            done += 1
+    finally:
+        if refused:
+            log.error("usage: the database refused %d of %d rows; they are left out", refused, len(batch))
+        del batch[:done]  # once, not row by row: a batch after an outage may hold many thousands
 
 
 # The usage row's references, each nullable with SET_NULL: the model behind each column.
